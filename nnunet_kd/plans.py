@@ -1,0 +1,117 @@
+"""Student plans: a copy of the teacher's nnU-Net plans with a narrower and/or shallower network.
+
+The student keeps the teacher configuration's `data_identifier`, spacing, patch and normalisation, so it trains on the
+teacher's preprocessed data (no second preprocessing run) and sees exactly the voxels the teacher saw.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from nnunet_kd.errors import KDConfigurationError
+
+# keys of nnU-Net architecture kwargs that hold one entry per encoder stage
+PER_STAGE_KEYS = ("features_per_stage", "kernel_sizes", "strides", "n_conv_per_stage", "n_blocks_per_stage")
+BLOCK_KEYS = ("n_conv_per_stage", "n_blocks_per_stage")
+
+
+def student_plans_name(base_plans_name: str, width: float, stages: int | None = None,
+                       convs: int | None = None) -> str:
+    name = f"{base_plans_name}_KDStudent_w{width:g}"
+    if stages is not None:
+        name += f"_s{stages}"
+    if convs is not None:
+        name += f"_c{convs}"
+    return name
+
+
+def scale_architecture(arch_kwargs: dict, width: float, stages: int | None = None, convs: int | None = None,
+                       min_features: int = 4) -> dict:
+    """Architecture kwargs with features scaled by `width` (at least `min_features`), the deepest stages dropped down
+    to `stages`, and `convs` convolutions (or residual blocks) per stage in encoder and decoder."""
+    if not 0 < width <= 1:
+        raise KDConfigurationError(f"--width must be in (0, 1], got {width}")
+    kwargs = copy.deepcopy(arch_kwargs)
+    n_stages = kwargs["n_stages"]
+    if stages is not None:
+        if not 2 <= stages <= n_stages:
+            raise KDConfigurationError(f"--stages must be between 2 and the teacher's {n_stages}, got {stages}")
+        for key in PER_STAGE_KEYS:
+            if isinstance(kwargs.get(key), list):
+                kwargs[key] = kwargs[key][:stages]
+        if isinstance(kwargs.get("n_conv_per_stage_decoder"), list):
+            kwargs["n_conv_per_stage_decoder"] = kwargs["n_conv_per_stage_decoder"][:stages - 1]
+        kwargs["n_stages"] = n_stages = stages
+    if convs is not None:
+        if convs < 1:
+            raise KDConfigurationError(f"--convs must be >= 1, got {convs}")
+        for key in BLOCK_KEYS:
+            if key in kwargs:
+                kwargs[key] = [convs] * n_stages
+        if "n_conv_per_stage_decoder" in kwargs:
+            kwargs["n_conv_per_stage_decoder"] = [convs] * (n_stages - 1)
+    features = kwargs["features_per_stage"]
+    features = [features] * n_stages if isinstance(features, int) else features
+    kwargs["features_per_stage"] = [max(min_features, round(f * width)) for f in features]
+    return kwargs
+
+
+def make_student_plans(plans: dict, configurations: Sequence[str], width: float, stages: int | None = None,
+                       convs: int | None = None, min_features: int = 4, name: str | None = None) -> dict:
+    """New plans holding only `configurations`, each resolved (no inheritance) and scaled.
+
+    Other configurations are left out on purpose: training one of them with the student plans would silently train a
+    teacher-sized network under a student's name.
+    """
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    manager = PlansManager(copy.deepcopy(plans))
+    student = copy.deepcopy(plans)
+    student["plans_name"] = name or student_plans_name(plans["plans_name"], width, stages, convs)
+    student["configurations"] = {}
+    for configuration in configurations:
+        if configuration not in plans["configurations"]:
+            raise KDConfigurationError(f"Configuration {configuration!r} is not in plans {plans['plans_name']} "
+                                       f"(available: {list(plans['configurations'])}).")
+        resolved = copy.deepcopy(manager.get_configuration(configuration).configuration)
+        resolved.pop("inherits_from", None)
+        if resolved.get("previous_stage") or resolved.get("next_stage"):
+            raise KDConfigurationError(f"{configuration!r} is part of a cascade; student plans support single-stage "
+                                       f"configurations (2d, 3d_fullres, 3d_lowres without cascade).")
+        arch = resolved["architecture"]
+        arch["arch_kwargs"] = scale_architecture(arch["arch_kwargs"], width, stages, convs, min_features)
+        student["configurations"][configuration] = resolved
+    return student
+
+
+def count_parameters(plans: dict, configuration: str, dataset_json: dict) -> int:
+    """Parameters of the network nnU-Net builds for this configuration, as `nnUNetv2_predict` would."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    manager = PlansManager(plans)
+    config = manager.get_configuration(configuration)
+    network = get_network_from_plans(config.network_arch_class_name, config.network_arch_init_kwargs,
+                                     config.network_arch_init_kwargs_req_import,
+                                     determine_num_input_channels(manager, config, dataset_json),
+                                     manager.get_label_manager(dataset_json).num_segmentation_heads,
+                                     allow_init=False, deep_supervision=False)
+    return sum(p.numel() for p in network.parameters())
+
+
+def write_plans(plans: dict, preprocessed_dataset_folder: str | Path, force: bool = False) -> tuple[Path, bool]:
+    """Write `<plans_name>.json`; returns (path, written). An identical file is left alone; a different one is
+    replaced only with `force`."""
+    path = Path(preprocessed_dataset_folder) / f"{plans['plans_name']}.json"
+    if path.is_file():
+        if json.loads(path.read_text()) == json.loads(json.dumps(plans)):
+            return path, False
+        if not force:
+            raise KDConfigurationError(f"{path} exists and differs from the plans asked for. Choose another --name, "
+                                       f"or pass --force to replace it (trained models keep their own copy of the "
+                                       f"plans in their results folder).")
+    path.write_text(json.dumps(plans, indent=4, sort_keys=False))
+    return path, True
