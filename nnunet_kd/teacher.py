@@ -117,7 +117,8 @@ def compatibility_problems(teacher_plans, teacher_config, teacher_dataset_json: 
         problems.append(f"label/region definitions differ: teacher {teacher_dataset_json['labels']} "
                         f"(regions_class_order {teacher_dataset_json.get('regions_class_order')}), student "
                         f"{student_dataset_json['labels']} (regions_class_order "
-                        f"{student_dataset_json.get('regions_class_order')}). Use a teacher trained on the same labels.")
+                        f"{student_dataset_json.get('regions_class_order')}). Use a teacher trained on the same "
+                        f"labels.")
     if check_channels and teacher_dataset_json["channel_names"] != student_dataset_json["channel_names"]:
         problems.append(f"input channels differ: teacher {teacher_dataset_json['channel_names']}, student "
                         f"{student_dataset_json['channel_names']}. Teacher and student must read the same channels in "

@@ -22,9 +22,18 @@ from nnunet_kd.errors import KDConfigurationError
 from nnunet_kd.losses import DeepSupervisionKD, kd_scale_weights
 from nnunet_kd.progress import KDLocalLogger
 from nnunet_kd.settings import SETTINGS_FILE, KDSettings, read_settings_file, write_settings_file
-from nnunet_kd.teacher import (ENV_TEACHER, ENV_TEACHER_CHECKPOINT, ENV_TEACHER_FOLDS, FrozenTeacher, TeacherSpec,
-                               check_teacher_files, compatibility_problems, file_sha256, load_teacher,
-                               resolve_teacher_spec)
+from nnunet_kd.teacher import (
+    ENV_TEACHER,
+    ENV_TEACHER_CHECKPOINT,
+    ENV_TEACHER_FOLDS,
+    FrozenTeacher,
+    TeacherSpec,
+    check_teacher_files,
+    compatibility_problems,
+    file_sha256,
+    load_teacher,
+    resolve_teacher_spec,
+)
 
 
 class nnUNetTrainerKD(nnUNetTrainer):
@@ -69,8 +78,8 @@ class nnUNetTrainerKD(nnUNetTrainer):
         checksums = [file_sha256(p) for p in self.teacher_spec.checkpoint_paths()]
         if self._recorded_run is not None and checksums != self._recorded_run["teacher"]["checkpoint_sha256"]:
             raise KDConfigurationError(
-                f"The teacher checkpoint(s) {[str(p) for p in self.teacher_spec.checkpoint_paths()]} changed since this "
-                f"training started, so resuming with --c would not continue the same run. Restore the original "
+                f"The teacher checkpoint(s) {[str(p) for p in self.teacher_spec.checkpoint_paths()]} changed since "
+                f"this training started, so resuming with --c would not continue the same run. Restore the original "
                 f"teacher, or start a new training without --c.")
 
         teacher = load_teacher(self.teacher_spec, self.device)
