@@ -1,0 +1,26 @@
+"""Reading nnU-Net checkpoints."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    # nnU-Net checkpoints hold plain Python objects (logging, init args) besides tensors
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def count_weights(state_dict: dict) -> int:
+    """Number of distinct weights in a state dict.
+
+    nnU-Net's U-Net decoders keep a reference to the encoder, so its weights appear under two keys; counting storages
+    once gives the same number as `sum(p.numel() for p in network.parameters())`.
+    """
+    seen, total = set(), 0
+    for tensor in state_dict.values():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel()
+    return total

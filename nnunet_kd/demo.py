@@ -1,0 +1,188 @@
+"""`nnunet_kd demo`: teacher, plain student and KD student on the generated dataset, with stock nnU-Net tools.
+
+Every step is the command a user would type (nnUNetv2_plan_and_preprocess, nnUNetv2_train, nnUNetv2_predict);
+evaluation is nnU-Net's own. Steps whose results already exist are skipped, so an interrupted demo continues.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from nnunet_kd.checkpoints import count_weights, load_checkpoint
+from nnunet_kd.synthetic import LABELS, SyntheticSpec, write_dataset
+
+DATASET_ID = 900
+DATASET = f"Dataset{DATASET_ID}_KDSynthetic"
+CONFIGURATION = "3d_fullres"
+DEMO_SPEC = SyntheticSpec(shape=(32, 48, 48), num_training=24, num_test=6, seed=0)
+STUDENT_WIDTH = 0.25
+# nnU-Net lines worth showing while a step runs; everything else goes to the step's log file
+PROGRESS_MARKERS = ("Epoch ", "train_loss", "seg_loss", "Pseudo dice", "Mean Validation Dice", "Error", "error")
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    title: str
+    trainer: str
+    plans: str
+
+    @property
+    def folder_name(self) -> str:
+        return f"{self.trainer}__{self.plans}__{CONFIGURATION}"
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _run(args: list[str], env: dict, log_file: Path) -> None:
+    _log("$ " + " ".join(args))
+    with open(log_file, "w") as log:
+        process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in process.stdout:
+            log.write(line)
+            if any(marker in line for marker in PROGRESS_MARKERS):
+                print("    " + line.rstrip(), flush=True)
+        if process.wait() != 0:
+            raise SystemExit(f"step failed (exit {process.returncode}); see {log_file}")
+
+
+def _environment(workdir: Path) -> dict:
+    repo_trainers = Path(__file__).resolve().parents[1] / "trainers"
+    env = dict(os.environ)
+    env.update({
+        "nnUNet_raw": str(workdir / "raw"),
+        "nnUNet_preprocessed": str(workdir / "preprocessed"),
+        "nnUNet_results": str(workdir / "results"),
+        "nnUNet_extTrainer": env.get("nnUNet_extTrainer") or str(repo_trainers),
+        "nnUNet_n_proc_DA": env.get("nnUNet_n_proc_DA", str(max(1, min(4, (os.cpu_count() or 2) - 1)))),
+        "nnUNet_def_n_proc": env.get("nnUNet_def_n_proc", str(min(4, os.cpu_count() or 2))),
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def _parameters(model_folder: Path) -> int:
+    return count_weights(load_checkpoint(model_folder / "fold_0" / "checkpoint_final.pth")["network_weights"])
+
+
+def _inference_seconds_per_case(model_folder: Path, images: list[list[str]], device: str) -> float:
+    """Median network time per case (sliding window + mirroring, nnU-Net's defaults), preprocessing excluded."""
+    import numpy as np
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(device=torch.device(device), perform_everything_on_device=device == "cuda",
+                                allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model_folder), (0,), "checkpoint_final.pth")
+    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+    times = []
+    for files in images:
+        data, _, _ = preprocessor.run_case(files, None, predictor.plans_manager, predictor.configuration_manager,
+                                           predictor.dataset_json)
+        data = torch.from_numpy(data)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        predictor.predict_logits_from_preprocessed_data(data)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _evaluate(predictions: Path, labels: Path) -> dict:
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    foreground = [v for v in LABELS.values() if v > 0]
+    return compute_metrics_on_folder(str(labels), str(predictions), str(predictions / "summary.json"), SimpleITKIO(),
+                                     ".nii.gz", foreground, None, num_processes=2)
+
+
+def run_demo(workdir: Path, device: str = "cpu", fresh: bool = False) -> list[dict]:
+    workdir = workdir.resolve()
+    if fresh and workdir.exists():
+        shutil.rmtree(workdir)
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    env = _environment(workdir)
+    started = time.time()
+
+    raw = workdir / "raw" / DATASET
+    if not (raw / "dataset.json").is_file():
+        _log(f"generating {DATASET}: {DEMO_SPEC.num_training} training + {DEMO_SPEC.num_test} held-out volumes "
+             f"{DEMO_SPEC.shape}")
+        write_dataset(workdir / "raw", DATASET_ID, spec=DEMO_SPEC)
+    preprocessed = workdir / "preprocessed" / DATASET
+    if not (preprocessed / "nnUNetPlans.json").is_file():
+        _run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", CONFIGURATION, "-np", "2"], env,
+             workdir / "logs" / "plan_and_preprocess.log")
+    _run(["nnunet_kd", "student-plans", str(DATASET_ID), "-c", CONFIGURATION, "--width", str(STUDENT_WIDTH)], env,
+         workdir / "logs" / "student_plans.log")
+    print((workdir / "logs" / "student_plans.log").read_text(), flush=True)
+    student_plans = f"nnUNetPlans_KDStudent_w{STUDENT_WIDTH:g}"
+
+    models = [DemoModel("teacher", "nnUNetTrainer_demo", "nnUNetPlans"),
+              DemoModel("student (no KD)", "nnUNetTrainer_demo", student_plans),
+              DemoModel("student + KD (KDLogits)", "nnUNetTrainerKDLogits_demo", student_plans)]
+    results = workdir / "results" / DATASET
+    teacher_env = {**env, "nnUNet_KD_teacher": models[0].folder_name}
+    for model in models:
+        if (results / model.folder_name / "fold_0" / "checkpoint_final.pth").is_file():
+            _log(f"{model.title}: already trained, skipping")
+            continue
+        _log(f"training {model.title}: {model.trainer} -p {model.plans}")
+        _run(["nnUNetv2_train", str(DATASET_ID), CONFIGURATION, "0", "-tr", model.trainer, "-p", model.plans,
+              "-device", device], teacher_env, workdir / "logs" / f"train_{model.folder_name}.log")
+
+    images = raw / "imagesTs"
+    test_cases = [[str(p)] for p in sorted(images.glob("*_0000.nii.gz"))]
+    rows = []
+    for model in models:
+        out = workdir / "predictions" / model.folder_name
+        _run(["nnUNetv2_predict", "-i", str(images), "-o", str(out), "-d", str(DATASET_ID), "-c", CONFIGURATION,
+              "-f", "0", "-tr", model.trainer, "-p", model.plans, "-device", device, "-npp", "1", "-nps", "1"],
+             env, workdir / "logs" / f"predict_{model.folder_name}.log")
+        metrics = _evaluate(out, raw / "labelsTs")
+        _log(f"timing {model.title} inference on {len(test_cases)} held-out cases")
+        rows.append({
+            "model": model.title, "trainer": model.trainer, "plans": model.plans,
+            "parameters": _parameters(results / model.folder_name),
+            "seconds_per_case": _inference_seconds_per_case(results / model.folder_name, test_cases, device),
+            "dice": {name: metrics["mean"][value]["Dice"] for name, value in LABELS.items() if value > 0},
+            "mean_dice": metrics["foreground_mean"]["Dice"],
+        })
+    (workdir / "demo_results.json").write_text(json.dumps(rows, indent=2))
+    print(format_table(rows, device, time.time() - started), flush=True)
+    return rows
+
+
+def format_table(rows: list[dict], device: str, seconds: float) -> str:
+    names = list(rows[0]["dice"])
+    header = f"{'model':<26}{'parameters':>12}{'rel. size':>10}{'s/case':>9}" + "".join(f"{n:>9}" for n in names) \
+        + f"{'mean':>8}"
+    lines = [header, "-" * len(header)]
+    teacher = rows[0]
+    for row in rows:
+        lines.append(f"{row['model']:<26}{row['parameters']:>12,}{row['parameters'] / teacher['parameters']:>10.3f}"
+                     f"{row['seconds_per_case']:>9.2f}" + "".join(f"{row['dice'][n]:>9.3f}" for n in names)
+                     + f"{row['mean_dice']:>8.3f}")
+    notes = [f"Dice on {DEMO_SPEC.num_test} held-out cases (nnUNetv2_predict, nnU-Net's evaluation); s/case: median "
+             f"network time per case on {device} (sliding window with mirroring, preprocessing excluded)."]
+    if len(rows) == 3:
+        gap = teacher["mean_dice"] - rows[1]["mean_dice"]
+        if gap > 0:
+            notes.append(f"KD closed {(rows[2]['mean_dice'] - rows[1]['mean_dice']) / gap:.0%} of the teacher-student "
+                         f"gap in mean Dice.")
+    notes.append(f"Demo wall time: {seconds / 60:.1f} min.")
+    return "\n".join(["", *lines, "", *notes])
+
+
+if __name__ == "__main__":
+    run_demo(Path(sys.argv[1] if len(sys.argv) > 1 else "nnunet_kd_demo"))

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Install, lint, and run the whole test suite (unit tests and nnU-Net CLI end-to-end tests, CPU only).
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+bash "$repo/setup_scripts/install.sh"
+venv=${VIRTUAL_ENV:-$repo/.venv}
+cd "$repo"
+"$venv/bin/ruff" check .
+# pytest exits 5 when it collects no test; set -e turns that, like any failure, into a failed run
+"$venv/bin/python" -m pytest tests -v --durations=15 "$@"

@@ -1,0 +1,118 @@
+"""Shared fixtures for the end-to-end tests: a real nnU-Net workspace on a tiny generated dataset.
+
+Everything runs through nnU-Net's own command-line tools on the CPU with the `_debug` schedules (2 epochs of 3
+iterations), the way a user runs them; each expensive step happens once per test session.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from nnunet_kd.synthetic import SyntheticSpec, write_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+DATASET_ID = 901
+DATASET = f"Dataset{DATASET_ID:03d}_KDSynthetic"
+TEACHER = "nnUNetTrainer_debug__nnUNetPlans__{}"
+STUDENT_PLANS = "nnUNetPlans_KDStudent_w0.25"
+
+
+@dataclass
+class Workspace:
+    root: Path
+    env: dict
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "raw" / DATASET
+
+    @property
+    def preprocessed(self) -> Path:
+        return self.root / "preprocessed" / DATASET
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results" / DATASET
+
+    def model_folder(self, trainer: str, plans: str, configuration: str = "3d_fullres") -> Path:
+        return self.results / f"{trainer}__{plans}__{configuration}"
+
+    def run(self, *args: str, env: dict | None = None, check: bool = True,
+            timeout: int = 900) -> subprocess.CompletedProcess:
+        proc = subprocess.run(list(args), env={**self.env, **(env or {})}, capture_output=True, text=True,
+                              timeout=timeout, cwd=self.root)
+        if check and proc.returncode != 0:
+            pytest.fail(f"`{' '.join(args)}` exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
+                        f"--- stderr\n{proc.stderr[-6000:]}")
+        return proc
+
+    def train(self, trainer: str, fold: int | str, plans: str = "nnUNetPlans", configuration: str = "3d_fullres",
+              env: dict | None = None, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+        return self.run("nnUNetv2_train", str(DATASET_ID), configuration, str(fold), "-tr", trainer, "-p", plans,
+                        "-device", "cpu", *extra, env=env)
+
+
+def _clean_environment(root: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet")}
+    env.update({
+        "nnUNet_raw": str(root / "raw"),
+        "nnUNet_preprocessed": str(root / "preprocessed"),
+        "nnUNet_results": str(root / "results"),
+        "nnUNet_extTrainer": str(REPO / "trainers"),
+        # 2-core CI machine: one augmentation worker and two export workers keep process start-up cheap
+        "nnUNet_n_proc_DA": "1",
+        "nnUNet_def_n_proc": "2",
+        "nnUNet_compile": "false",
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> Workspace:
+    root = tmp_path_factory.mktemp("nnunet")
+    ws = Workspace(root, _clean_environment(root))
+    write_dataset(root / "raw", DATASET_ID, spec=SyntheticSpec(shape=(24, 32, 32), num_training=10, num_test=2,
+                                                              seed=1))
+    ws.run("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "2d", "-np", "2")
+    ws.run("nnunet_kd", "student-plans", str(DATASET_ID), "-c", "3d_fullres", "2d", "--width", "0.25")
+    return ws
+
+
+@pytest.fixture(scope="session")
+def teacher_3d(workspace) -> Path:
+    """The stock nnUNetTrainer (debug schedule) on folds 0 and 1, the latter for the fold-ensemble teacher."""
+    for fold in (0, 1):
+        workspace.train("nnUNetTrainer_debug", fold)
+    return workspace.model_folder("nnUNetTrainer_debug", "nnUNetPlans")
+
+
+@pytest.fixture(scope="session")
+def kd_student_3d(workspace, teacher_3d) -> Path:
+    """A soft-output KD student (w0.25) on fold 0, taught by the fold-0 teacher."""
+    workspace.train("nnUNetTrainerKDLogits_debug", 0, STUDENT_PLANS,
+                    env={"nnUNet_KD_teacher": teacher_3d.name})
+    return workspace.model_folder("nnUNetTrainerKDLogits_debug", STUDENT_PLANS)
+
+
+def copy_model_folder(source: Path, destination: Path, folds=(0,)) -> Path:
+    """A model folder with the same plans, dataset.json and final checkpoints, to edit for mismatch tests."""
+    destination.mkdir(parents=True)
+    for name in ("plans.json", "dataset.json"):
+        shutil.copy(source / name, destination / name)
+    for fold in folds:
+        (destination / f"fold_{fold}").mkdir()
+        shutil.copy(source / f"fold_{fold}" / "checkpoint_final.pth", destination / f"fold_{fold}")
+    return destination
+
+
+def edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data, indent=2))

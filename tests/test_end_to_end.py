@@ -1,0 +1,290 @@
+"""End to end through nnU-Net's real CLI: plan and preprocess, train teachers and KD students, resume, predict.
+
+These use the session fixtures in conftest.py (a 10-case generated dataset, `_debug` schedules, CPU).
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import DATASET_ID, STUDENT_PLANS, copy_model_folder, edit_json
+
+from nnunet_kd.checkpoints import count_weights
+from nnunet_kd.checkpoints import load_checkpoint as _checkpoint
+from nnunet_kd.errors import KDConfigurationError
+
+
+def _student_network(model_folder):
+    """The network stock nnUNetv2_predict rebuilds from the model folder (trainer class + plans)."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False)
+    predictor.initialize_from_trained_model_folder(str(model_folder), (0,), "checkpoint_final.pth")
+    return predictor.network
+
+
+def test_kd_logits_student_trains_logs_and_checkpoints_only_the_student(workspace, teacher_3d, kd_student_3d,
+                                                                        monkeypatch):
+    fold = kd_student_3d / "fold_0"
+    checkpoint = _checkpoint(fold / "checkpoint_final.pth")
+    monkeypatch.setenv("nnUNet_extTrainer", workspace.env["nnUNet_extTrainer"])
+    student = _student_network(kd_student_3d)
+    teacher_parameters = count_weights(_checkpoint(teacher_3d / "fold_0" / "checkpoint_final.pth")["network_weights"])
+    weights = checkpoint["network_weights"]
+    student_parameters = sum(p.numel() for p in student.parameters())
+    assert set(weights) == set(student.state_dict()), "checkpoint must hold exactly the student's weights"
+    assert count_weights(weights) == student_parameters
+    assert student_parameters < teacher_parameters / 5
+
+    logging = checkpoint["logging"]
+    assert len(logging["train_seg_loss"]) == len(logging["train_kd_loss"]) == 2
+    assert all(np.isfinite(logging["train_kd_loss"])) and min(logging["train_kd_loss"]) > 0
+    log = next(fold.glob("training_log_*.txt")).read_text()
+    assert re.search(r"seg_loss \d+\.\d+, kd_loss \d+\.\d+", log)
+    assert "Knowledge distillation (nnUNetTrainerKDLogits_debug)" in log
+    assert (fold / "progress.png").is_file()
+
+    settings = json.loads((fold / "kd_settings.json").read_text())
+    assert settings["settings"] == {"alpha": 1.0, "temperature": 2.0, "scales": "full"}
+    assert settings["loss"]["activation"] == "softmax"
+    assert settings["teacher"]["folds"] == [0] and len(settings["teacher"]["checkpoint_sha256"]) == 1
+    assert settings["student"]["num_parameters"] == student_parameters
+
+
+def test_stock_predict_rebuilds_the_student_without_the_teacher(workspace, kd_student_3d, tmp_path):
+    # a results folder holding the student alone: prediction must not need the teacher or any KD setting
+    results = tmp_path / "results"
+    shutil.copytree(kd_student_3d, results / kd_student_3d.parent.name / kd_student_3d.name)
+    out = tmp_path / "predictions"
+    workspace.run("nnUNetv2_predict", "-i", str(workspace.raw / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID),
+                  "-c", "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerKDLogits_debug", "-p", STUDENT_PLANS,
+                  "-device", "cpu", "-npp", "1", "-nps", "1", env={"nnUNet_results": str(results)})
+    cases = sorted(p.name for p in (workspace.raw / "imagesTs").glob("*_0000.nii.gz"))
+    assert cases
+    for case in cases:
+        prediction = sitk.ReadImage(str(out / case.replace("_0000", "")))
+        reference = sitk.ReadImage(str(workspace.raw / "labelsTs" / case.replace("_0000", "")))
+        assert prediction.GetSize() == reference.GetSize()
+        assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= {0, 1, 2, 3}
+
+
+def _wait_for(condition, process, timeout=600.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        if process.poll() is not None:
+            pytest.fail(f"training ended (exit {process.returncode}) before the expected point")
+        time.sleep(0.2)
+    pytest.fail("timed out")
+
+
+def test_interrupted_training_resumes_exactly_with_c(workspace, teacher_3d):
+    trainer = "nnUNetTrainerKDLogitMatching_debug"
+    fold = workspace.model_folder(trainer, STUDENT_PLANS) / "fold_0"
+    env = {**workspace.env, "nnUNet_KD_teacher": teacher_3d.name}
+    process = subprocess.Popen(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-p",
+                                STUDENT_PLANS, "-device", "cpu"], env=env, cwd=workspace.root,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def second_epoch_started():
+        logs = list(fold.glob("training_log_*.txt"))
+        return bool(logs) and re.search(r": Epoch 1$", logs[0].read_text(), re.M) is not None
+
+    try:
+        _wait_for(second_epoch_started, process)
+    finally:
+        process.kill()  # an interruption like a crash or a cluster time limit
+        process.wait()
+    latest = _checkpoint(fold / "checkpoint_latest.pth")
+    assert latest["current_epoch"] == 1 and not (fold / "checkpoint_final.pth").exists()
+    recorded = json.loads((fold / "kd_settings.json").read_text())
+    logs_before = set(fold.glob("training_log_*.txt"))
+
+    # the environment now asks for another alpha: the resumed run must keep the one it started with
+    time.sleep(1.1)  # nnU-Net names logs by the second
+    result = workspace.train(trainer, 0, STUDENT_PLANS, env={"nnUNet_KD_teacher": teacher_3d.name,
+                                                             "nnUNet_KD_alpha": "0.7"}, extra=("--c",))
+    assert "Resuming with the settings this training started with" in result.stdout
+    final = _checkpoint(fold / "checkpoint_final.pth")
+    assert final["current_epoch"] == 2
+    for key in ("train_losses", "val_losses", "lrs", "train_seg_loss", "train_kd_loss"):
+        assert len(final["logging"][key]) == 2
+        assert final["logging"][key][0] == latest["logging"][key][0], f"{key} of epoch 0 changed on resume"
+    assert json.loads((fold / "kd_settings.json").read_text())["settings"] == recorded["settings"]
+    assert recorded["settings"]["alpha"] == 0.1
+    (resumed_log,) = set(fold.glob("training_log_*.txt")) - logs_before
+    text = resumed_log.read_text()
+    assert re.search(r": Epoch 1$", text, re.M) and not re.search(r": Epoch 0$", text, re.M)
+
+
+def test_fold_ensemble_teacher(workspace, teacher_3d):
+    workspace.train("nnUNetTrainerKDLogits_debug", 2, STUDENT_PLANS,
+                    env={"nnUNet_KD_teacher": teacher_3d.name, "nnUNet_KD_teacher_folds": "0,1"})
+    fold = workspace.model_folder("nnUNetTrainerKDLogits_debug", STUDENT_PLANS) / "fold_2"
+    recorded = json.loads((fold / "kd_settings.json").read_text())["teacher"]
+    assert recorded["folds"] == [0, 1] and len(set(recorded["checkpoint_sha256"])) == 2
+    assert (fold / "checkpoint_final.pth").is_file()
+
+
+def test_kd_student_teaches_a_smaller_student_with_other_plans(workspace, kd_student_3d):
+    # the teacher here has other plans (w0.25) than the student (w0.125): the teacher -> assistant -> student chain
+    workspace.run("nnunet_kd", "student-plans", str(DATASET_ID), "--width", "0.125", "--stages", "3")
+    plans = "nnUNetPlans_KDStudent_w0.125_s3"
+    workspace.train("nnUNetTrainerKDLogits_debug", 0, plans,
+                    env={"nnUNet_KD_teacher": str(kd_student_3d), "nnUNet_KD_scales": "all"})
+    fold = workspace.model_folder("nnUNetTrainerKDLogits_debug", plans) / "fold_0"
+    recorded = json.loads((fold / "kd_settings.json").read_text())
+    assert recorded["teacher"]["plans"] == STUDENT_PLANS and recorded["teacher"]["trainer"] == \
+        "nnUNetTrainerKDLogits_debug"
+    assert recorded["settings"]["scales"] == "all"
+    assert len(recorded["loss"]["weights_per_output"]) == 2 and recorded["loss"]["weights_per_output"][0] == 1.0
+    assert recorded["student"]["num_parameters"] < recorded["teacher"]["num_parameters"]
+
+
+def test_2d_configuration(workspace):
+    workspace.train("nnUNetTrainer_debug", 0, configuration="2d")
+    workspace.train("nnUNetTrainerKDLogits_debug", 0, STUDENT_PLANS, configuration="2d",
+                    env={"nnUNet_KD_teacher": "nnUNetTrainer_debug__nnUNetPlans__2d"})
+    fold = workspace.model_folder("nnUNetTrainerKDLogits_debug", STUDENT_PLANS, "2d") / "fold_0"
+    assert (fold / "checkpoint_final.pth").is_file()
+    assert json.loads((fold / "kd_settings.json").read_text())["student"]["configuration"] == "2d"
+
+
+def test_missing_teacher_fails_before_training_with_a_clear_message(workspace):
+    result = workspace.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", "3", "-tr",
+                           "nnUNetTrainerKDLogits_debug", "-p", STUDENT_PLANS, "-device", "cpu", check=False)
+    assert result.returncode != 0
+    assert "Teacher model folder not found" in result.stderr and "nnUNetv2_train" in result.stderr
+    fold = workspace.model_folder("nnUNetTrainerKDLogits_debug", STUDENT_PLANS) / "fold_3"
+    assert {p.name for p in fold.iterdir() if not p.name.startswith("training_log_")} == set()
+
+
+# ---- every compatibility problem is caught before any step, and a failed start leaves the folder as it was ----
+def _labels_renamed(folder):
+    edit_json(folder / "dataset.json", lambda d: d["labels"].update({"tumour": d["labels"].pop("lesion")}))
+
+
+def _channel_renamed(folder):
+    edit_json(folder / "dataset.json", lambda d: d["channel_names"].update({"0": "CT"}))
+
+
+def _config(plans):
+    return plans["configurations"]["3d_fullres"]
+
+
+def _spacing_changed(folder):
+    edit_json(folder / "plans.json", lambda p: _config(p).update(spacing=[3.0, 1.0, 1.0]))
+
+
+def _transpose_changed(folder):
+    edit_json(folder / "plans.json", lambda p: p.update(transpose_forward=[0, 2, 1], transpose_backward=[0, 2, 1]))
+
+
+def _normalisation_changed(folder):
+    edit_json(folder / "plans.json", lambda p: _config(p).update(normalization_schemes=["CTNormalization"]))
+
+
+MISMATCHES = {
+    "labels": (_labels_renamed, "label/region definitions differ"),
+    "channels": (_channel_renamed, "input channels differ"),
+    "spacing": (_spacing_changed, "target spacing differs"),
+    "transpose": (_transpose_changed, "transpose_forward differs"),
+    "normalisation": (_normalisation_changed, "normalisation schemes differ"),
+}
+
+
+def _kd_trainer(workspace, monkeypatch, env: dict, fold: int = 4):
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    for key, value in {**workspace.env, **env}.items():
+        if key.startswith("nnUNet"):
+            monkeypatch.setenv(key, value)
+    return get_trainer_from_args(str(DATASET_ID), "3d_fullres", fold, "nnUNetTrainerKDLogits_debug", STUDENT_PLANS,
+                                 device=torch.device("cpu"))
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and not p.name.startswith("training_log")}
+
+
+@pytest.fixture
+def previous_run_folder(workspace, kd_student_3d):
+    """fold_4 of the KD trainer holding a previous run's files, which a failed start must leave untouched."""
+    fold = workspace.model_folder("nnUNetTrainerKDLogits_debug", STUDENT_PLANS) / "fold_4"
+    fold.mkdir(parents=True, exist_ok=True)
+    for name in ("checkpoint_final.pth", "kd_settings.json", "progress.png"):
+        shutil.copy(kd_student_3d / "fold_0" / name, fold / name)
+    return fold
+
+
+@pytest.mark.parametrize("mismatch", sorted(MISMATCHES))
+def test_incompatible_teacher_is_refused_before_training(workspace, teacher_3d, previous_run_folder, tmp_path,
+                                                         monkeypatch, mismatch):
+    edit, message = MISMATCHES[mismatch]
+    teacher = copy_model_folder(teacher_3d, tmp_path / "teacher")
+    edit(teacher)
+    before = _snapshot(previous_run_folder)
+    trainer = _kd_trainer(workspace, monkeypatch, {"nnUNet_KD_teacher": str(teacher),
+                                                   "nnUNet_KD_teacher_folds": "0"})
+    with pytest.raises(KDConfigurationError, match=message) as error:
+        trainer.on_train_start()
+    assert "cannot teach this student" in str(error.value)
+    assert trainer.dataloader_train is None, "no data loading may start before the teacher is accepted"
+    assert _snapshot(previous_run_folder) == before
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"nnUNet_KD_teacher": "nnUNetTrainer_debug__nnUNetPlans__3d_lowres"}, "Teacher model folder not found"),
+    ({"nnUNet_KD_teacher_folds": "3"}, r"Teacher fold_3 not found .*available: \['fold_0', 'fold_1'\]"),
+    ({"nnUNet_KD_teacher_checkpoint": "checkpoint_best_ever.pth"}, "nnUNet_KD_teacher_checkpoint=checkpoint_best"),
+])
+def test_missing_teacher_parts_are_named(workspace, teacher_3d, previous_run_folder, monkeypatch, env, message):
+    before = _snapshot(previous_run_folder)
+    trainer = _kd_trainer(workspace, monkeypatch, {"nnUNet_KD_teacher": teacher_3d.name,
+                                                   "nnUNet_KD_teacher_folds": "0", **env})
+    with pytest.raises(KDConfigurationError, match=message):
+        trainer.on_train_start()
+    assert _snapshot(previous_run_folder) == before
+
+
+def test_resume_refuses_a_changed_teacher(workspace, teacher_3d, kd_student_3d, tmp_path, monkeypatch):
+    teacher = copy_model_folder(teacher_3d, tmp_path / "teacher")
+    fold = workspace.model_folder("nnUNetTrainerKDLogits_debug", STUDENT_PLANS) / "fold_4"
+    fold.mkdir(parents=True, exist_ok=True)
+    shutil.copy(kd_student_3d / "fold_0" / "checkpoint_final.pth", fold / "checkpoint_latest.pth")
+    record = json.loads((kd_student_3d / "fold_0" / "kd_settings.json").read_text())
+    record["teacher"]["model_folder"] = str(teacher)
+    (fold / "kd_settings.json").write_text(json.dumps(record))
+    # the teacher was retrained since: same folder, other weights
+    state = _checkpoint(teacher / "fold_0" / "checkpoint_final.pth")
+    first = next(iter(state["network_weights"]))
+    state["network_weights"][first] = state["network_weights"][first] + 1
+    torch.save(state, teacher / "fold_0" / "checkpoint_final.pth")
+
+    trainer = _kd_trainer(workspace, monkeypatch, {"nnUNet_KD_teacher": str(teacher)})
+    trainer.load_checkpoint(str(fold / "checkpoint_latest.pth"))
+    with pytest.raises(KDConfigurationError, match="changed since this training started"):
+        trainer.on_train_start()
+
+
+def test_student_plans_command_refuses_to_overwrite_different_plans(workspace):
+    same = workspace.run("nnunet_kd", "student-plans", str(DATASET_ID), "-c", "3d_fullres", "2d", "--width", "0.25")
+    assert "unchanged" in same.stdout and "teacher params" in same.stdout
+    other = workspace.run("nnunet_kd", "student-plans", str(DATASET_ID), "--width", "0.5", "--name", STUDENT_PLANS,
+                          check=False)
+    assert other.returncode == 2 and "--force" in other.stderr
+    plans = json.loads((workspace.preprocessed / f"{STUDENT_PLANS}.json").read_text())
+    features = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"]
+    teacher = json.loads((workspace.preprocessed / "nnUNetPlans.json").read_text())
+    assert features == [f // 4 for f in
+                        teacher["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"]]
+    assert plans["configurations"]["3d_fullres"]["data_identifier"] == \
+        teacher["configurations"]["3d_fullres"]["data_identifier"]
