@@ -42,7 +42,8 @@ def scale_architecture(arch_kwargs: dict, width: float, stages: int | None = Non
             if isinstance(kwargs.get(key), list):
                 kwargs[key] = kwargs[key][:stages]
         if isinstance(kwargs.get("n_conv_per_stage_decoder"), list):
-            kwargs["n_conv_per_stage_decoder"] = kwargs["n_conv_per_stage_decoder"][:stages - 1]
+            # the decoder list starts at the deepest stage, which is the one being dropped
+            kwargs["n_conv_per_stage_decoder"] = kwargs["n_conv_per_stage_decoder"][n_stages - stages:]
         kwargs["n_stages"] = n_stages = stages
     if convs is not None:
         if convs < 1:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
@@ -13,50 +14,35 @@ ENV_PREFIX = "nnUNet_KD_"
 SETTINGS_FILE = "kd_settings.json"
 
 
-@dataclass(frozen=True)
-class KDSettings:
-    """alpha: weight of the KD term in `L = L_seg + alpha · L_KD`.
-    scales: 'full' applies KD to the full-resolution output only; 'all' to every deep-supervision output, with the
-    teacher's logits area-resampled to each scale and nnU-Net's deep-supervision weights.
-    """
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise KDConfigurationError(message)
 
-    alpha: float = 1.0
-    scales: str = "full"
 
-    def __post_init__(self) -> None:
-        if self.alpha < 0:
-            raise KDConfigurationError(f"KD alpha must be >= 0, got {self.alpha}")
-        if self.scales not in ("full", "all"):
-            raise KDConfigurationError(f"KD scales must be 'full' or 'all', got {self.scales!r}")
+def _is_finite_at_least(value: float, minimum: float, strict: bool = False) -> bool:
+    return math.isfinite(value) and (value > minimum if strict else value >= minimum)
 
 
 @dataclass(frozen=True)
-class SoftTargetSettings(KDSettings):
-    """temperature: T of `p = softmax(z / T)`; larger T exposes more of the teacher's non-argmax probabilities."""
-
-    temperature: float = 2.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.temperature <= 0:
-            raise KDConfigurationError(f"KD temperature must be > 0, got {self.temperature}")
+class BaseKDSettings:
+    """Every field is a setting with a class default, overridable by the environment variable `nnUNet_KD_<field>`."""
 
     @classmethod
     def env_names(cls) -> dict[str, str]:
         return {f.name: ENV_PREFIX + f.name for f in fields(cls)}
 
-    def with_environment(self, environ: Mapping[str, str] = os.environ) -> KDSettings:
+    def with_environment(self, environ: Mapping[str, str] = os.environ) -> BaseKDSettings:
         """These settings with every `nnUNet_KD_<name>` variable that is set applied on top."""
         changes = {}
         for f in fields(self):
             value = environ.get(ENV_PREFIX + f.name)
             if value is None or value == "":
                 continue
+            kind = type(getattr(self, f.name))
             try:
-                changes[f.name] = type(getattr(self, f.name))(value)
+                changes[f.name] = kind(value)
             except ValueError as e:
-                raise KDConfigurationError(f"{ENV_PREFIX}{f.name}={value!r} is not a valid "
-                                           f"{type(getattr(self, f.name)).__name__}") from e
+                raise KDConfigurationError(f"{ENV_PREFIX}{f.name}={value!r} is not a valid {kind.__name__}") from e
         return replace(self, **changes)
 
     def to_json(self) -> dict:
@@ -68,6 +54,33 @@ class SoftTargetSettings(KDSettings):
         """`nnUNet_KD_*` variables that are set but mean nothing to these settings (typos, another trainer's)."""
         known = set(cls.env_names().values()) | set(other_known)
         return sorted(k for k, v in environ.items() if k.startswith(ENV_PREFIX) and v and k not in known)
+
+
+@dataclass(frozen=True)
+class KDSettings(BaseKDSettings):
+    """alpha: weight of the KD term in `L = L_seg + alpha · L_KD`.
+    scales: 'full' applies KD to the full-resolution output only; 'all' to every deep-supervision output, with the
+    teacher's logits area-resampled to each scale and nnU-Net's deep-supervision weights.
+    """
+
+    alpha: float = 1.0
+    scales: str = "full"
+
+    def __post_init__(self) -> None:
+        _require(_is_finite_at_least(self.alpha, 0), f"KD alpha must be finite and >= 0, got {self.alpha}")
+        _require(self.scales in ("full", "all"), f"KD scales must be 'full' or 'all', got {self.scales!r}")
+
+
+@dataclass(frozen=True)
+class SoftTargetSettings(KDSettings):
+    """temperature: T of `p = softmax(z / T)`; larger T exposes more of the teacher's non-argmax probabilities."""
+
+    temperature: float = 2.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(_is_finite_at_least(self.temperature, 0, strict=True),
+                 f"KD temperature must be finite and > 0, got {self.temperature}")
 
 
 def write_settings_file(folder: str | Path, record: dict) -> Path:

@@ -44,7 +44,11 @@ def _parse_folds(text: str) -> tuple[int | str, ...]:
     folds = tuple(f.strip() for f in text.replace(" ", ",").split(",") if f.strip())
     if not folds:
         raise KDConfigurationError(f"{ENV_TEACHER_FOLDS}={text!r} names no fold. Use e.g. '0', '0,1,2,3,4' or 'all'.")
-    return tuple(f if f == "all" else int(f) for f in folds)
+    try:
+        return tuple(f if f == "all" else int(f) for f in folds)
+    except ValueError as e:
+        raise KDConfigurationError(f"{ENV_TEACHER_FOLDS}={text!r} is not a fold list. Use e.g. '0', '0,1,2,3,4' or "
+                                   f"'all'.") from e
 
 
 def resolve_teacher_spec(results_folder: str | None, dataset_name: str, configuration: str, fold: int | str,
@@ -98,10 +102,13 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _normalised_labels(dataset_json: dict) -> dict:
-    # regions may be stored as lists or tuples, ints as ints: compare their canonical form
-    labels = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in dataset_json["labels"].items()}
-    return {"labels": labels, "regions_class_order": tuple(dataset_json.get("regions_class_order") or ())}
+def _normalised_labels(dataset_json: dict) -> tuple:
+    # regions may be stored as lists or tuples: compare their canonical form. With regions, the key order is the output
+    # channel order, so it must match too; plain labels are identified by their values alone.
+    labels = [(k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in dataset_json["labels"].items()]
+    has_regions = any(isinstance(v, tuple) for _, v in labels)
+    return (labels if has_regions else sorted(labels, key=str),
+            tuple(dataset_json.get("regions_class_order") or ()))
 
 
 def compatibility_problems(teacher_plans, teacher_config, teacher_dataset_json: dict,
@@ -126,6 +133,7 @@ def compatibility_problems(teacher_plans, teacher_config, teacher_dataset_json: 
     if len(teacher_config.patch_size) != len(student_config.patch_size):
         problems.append(f"the teacher is a {len(teacher_config.patch_size)}D model and the student "
                         f"{len(student_config.patch_size)}D. Use a teacher of the same configuration type.")
+        return problems  # spacing and the rest cannot be compared across dimensionalities
     if not np.allclose(teacher_config.spacing, student_config.spacing):
         problems.append(f"target spacing differs: teacher {list(teacher_config.spacing)}, student "
                         f"{list(student_config.spacing)}. Use a teacher of the same configuration (e.g. 3d_fullres "

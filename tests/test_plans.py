@@ -211,10 +211,6 @@ def test_scale_architecture_truncates_residual_blocks_per_stage(resenc_kwargs) -
     assert "n_conv_per_stage" not in scaled
 
 
-@pytest.mark.xfail(raises=AssertionError, strict=True,
-                   reason="BUG plans.py:45: n_conv_per_stage_decoder is ordered deepest decoder stage first "
-                          "(dynamic_network_architectures UNetDecoder), so dropping the deepest stages must keep its "
-                          "*last* stages-1 entries, not the first")
 def test_scale_architecture_keeps_the_shallow_decoder_stages(plain_kwargs) -> None:
     # decoder stage s-1 of UNetDecoder joins encoder stages n-s and n-s-1: entry 0 belongs to the deepest join
     kwargs = {**plain_kwargs, "n_conv_per_stage_decoder": [3, 2, 1]}

@@ -244,9 +244,6 @@ def test_resolve_teacher_spec_rejects_folds_naming_no_fold(text) -> None:
         resolve_teacher_spec(RESULTS, DATASET, "3d_fullres", 0, environ={"nnUNet_KD_teacher_folds": text})
 
 
-@pytest.mark.xfail(raises=ValueError, strict=True,
-                   reason="BUG teacher.py:47 _parse_folds: int(f) on a non-integer fold name raises a bare ValueError "
-                          "instead of KDConfigurationError")
 @pytest.mark.parametrize("text", ["first", "0;1", "ALL"])
 def test_resolve_teacher_spec_rejects_non_integer_folds_with_configuration_error(text) -> None:
     with pytest.raises(KDConfigurationError, match="nnUNet_KD_teacher_folds"):
@@ -416,9 +413,6 @@ def test_compatibility_treats_region_lists_and_tuples_alike(plans) -> None:
     assert _problems(plans, "3d_fullres", teacher_dataset_json, plans, "3d_fullres", _region_dataset_json()) == []
 
 
-@pytest.mark.xfail(raises=AssertionError, strict=True,
-                   reason="BUG teacher.py:101-104,116: labels are compared as dicts, which ignores key order, but "
-                          "nnU-Net's LabelManager orders region output channels by key order")
 def test_compatibility_reports_regions_in_another_channel_order(plans) -> None:
     student_dataset_json = {"channel_names": {"0": "MR"}, "numTraining": 12, "file_ending": ".nii.gz",
                             "labels": {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": [3]},
@@ -438,9 +432,6 @@ def test_compatibility_label_based_teacher_for_region_based_student_is_a_problem
     assert len(problems) == 1 and "label/region" in problems[0]
 
 
-@pytest.mark.xfail(raises=ValueError, strict=True,
-                   reason="BUG teacher.py:129: np.allclose on a 2-element (2d) and a 3-element (3d) spacing raises "
-                          "'operands could not be broadcast' instead of returning the dimensionality problem")
 def test_compatibility_2d_teacher_for_3d_student_is_one_problem(plans, dataset_json) -> None:
     problems = _problems(plans, "2d", dataset_json, plans, "3d_fullres", dataset_json)
     assert len(problems) == 1, problems
