@@ -32,8 +32,12 @@ def student_plans_command(args: argparse.Namespace) -> None:
                                    f"-p with one of {sorted(p.stem for p in folder.glob('*Plans*.json'))}.")
     teacher_plans = json.loads(teacher_plans_file.read_text())
     dataset_json = json.loads((folder / "dataset.json").read_text())
+    if args.width is None:
+        if args.arch is None and args.stages is None and args.convs is None:
+            raise KDConfigurationError("Nothing to make smaller: give --width, --stages, --convs and/or --arch.")
+        args.width = 1.0
     student = make_student_plans(teacher_plans, args.configurations, args.width, args.stages, args.convs,
-                                 args.min_features, args.name)
+                                 args.min_features, args.name, args.arch)
     path, written = write_plans(student, folder, args.force)
     print(f"{'wrote' if written else 'unchanged (identical file exists)'}: {path}")
     print(f"{'configuration':<16}{'teacher params':>16}{'student params':>16}{'ratio':>8}  student features_per_stage")
@@ -71,11 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-c", "--configurations", nargs="+", default=["3d_fullres"],
                    help="configurations to include (default: 3d_fullres)")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="teacher plans identifier (default: nnUNetPlans)")
-    p.add_argument("--width", type=float, required=True, help="multiply features_per_stage by this, e.g. 0.25")
+    p.add_argument("--width", type=float, default=None, help="multiply features_per_stage by this, e.g. 0.25 "
+                   "(default 1 when --arch, --stages or --convs is given)")
+    p.add_argument("--arch", default=None, choices=["plain", "lcovnet"],
+                   help="student architecture (default: the teacher plans' own); lcovnet: LCOV-Net (Zhao et al. 2023)")
     p.add_argument("--stages", type=int, default=None, help="keep only the first N resolution stages")
     p.add_argument("--convs", type=int, default=None, help="convolutions (or residual blocks) per stage")
     p.add_argument("--min-features", type=int, default=4, help="floor for features per stage (default: 4)")
-    p.add_argument("--name", default=None, help="plans identifier (default: <plans>_KDStudent_w<width>[_s][_c])")
+    p.add_argument("--name", default=None,
+                   help="plans identifier (default: <plans>_KDStudent[_<arch>]_w<width>[_s][_c])")
     p.add_argument("--force", action="store_true", help="replace an existing, different plans file of that name")
     p.set_defaults(func=student_plans_command)
 

@@ -20,7 +20,7 @@ from nnunet_kd.synthetic import LABELS, SyntheticSpec, write_dataset
 DATASET_ID = 900
 DATASET = f"Dataset{DATASET_ID}_KDSynthetic"
 CONFIGURATION = "3d_fullres"
-DEMO_SPEC = SyntheticSpec(shape=(32, 48, 48), num_training=24, num_test=6, seed=0)
+DEMO_SPEC = SyntheticSpec(shape=(32, 40, 40), num_training=24, num_test=6, seed=0)
 STUDENT_WIDTH = 0.25
 # nnU-Net lines worth showing while a step runs; everything else goes to the step's log file
 PROGRESS_MARKERS = ("Epoch ", "train_loss", "seg_loss", "Pseudo dice", "Mean Validation Dice", "Error", "error")

@@ -15,11 +15,16 @@ from nnunet_kd.errors import KDConfigurationError
 # keys of nnU-Net architecture kwargs that hold one entry per encoder stage
 PER_STAGE_KEYS = ("features_per_stage", "kernel_sizes", "strides", "n_conv_per_stage", "n_blocks_per_stage")
 BLOCK_KEYS = ("n_conv_per_stage", "n_blocks_per_stage")
+# student architectures that take nnU-Net's PlainConvUNet arguments, by the name `--arch` knows them under
+ARCHITECTURES = {
+    "plain": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+    "lcovnet": "nnunet_kd.architectures.lcovnet.LCOVNet",
+}
 
 
 def student_plans_name(base_plans_name: str, width: float, stages: int | None = None,
-                       convs: int | None = None) -> str:
-    name = f"{base_plans_name}_KDStudent_w{width:g}"
+                       convs: int | None = None, arch: str | None = None) -> str:
+    name = f"{base_plans_name}_KDStudent" + (f"_{arch}" if arch else "") + f"_w{width:g}"
     if stages is not None:
         name += f"_s{stages}"
     if convs is not None:
@@ -60,8 +65,10 @@ def scale_architecture(arch_kwargs: dict, width: float, stages: int | None = Non
 
 
 def make_student_plans(plans: dict, configurations: Sequence[str], width: float, stages: int | None = None,
-                       convs: int | None = None, min_features: int = 4, name: str | None = None) -> dict:
-    """New plans holding only `configurations`, each resolved (no inheritance) and scaled.
+                       convs: int | None = None, min_features: int = 4, name: str | None = None,
+                       arch: str | None = None) -> dict:
+    """New plans holding only `configurations`, each resolved (no inheritance) and scaled; with `arch`, the network
+    class is replaced (e.g. 'lcovnet'), so that stock nnU-Net builds that architecture from the plans alone.
 
     Other configurations are left out on purpose: training one of them with the student plans would silently train a
     teacher-sized network under a student's name.
@@ -70,7 +77,9 @@ def make_student_plans(plans: dict, configurations: Sequence[str], width: float,
 
     manager = PlansManager(copy.deepcopy(plans))
     student = copy.deepcopy(plans)
-    student["plans_name"] = name or student_plans_name(plans["plans_name"], width, stages, convs)
+    if arch is not None and arch not in ARCHITECTURES:
+        raise KDConfigurationError(f"Unknown --arch {arch!r}; choose one of {sorted(ARCHITECTURES)}.")
+    student["plans_name"] = name or student_plans_name(plans["plans_name"], width, stages, convs, arch)
     student["configurations"] = {}
     for configuration in configurations:
         if configuration not in plans["configurations"]:
@@ -81,8 +90,15 @@ def make_student_plans(plans: dict, configurations: Sequence[str], width: float,
         if resolved.get("previous_stage") or resolved.get("next_stage"):
             raise KDConfigurationError(f"{configuration!r} is part of a cascade; student plans support single-stage "
                                        f"configurations (2d, 3d_fullres, 3d_lowres without cascade).")
-        arch = resolved["architecture"]
-        arch["arch_kwargs"] = scale_architecture(arch["arch_kwargs"], width, stages, convs, min_features)
+        architecture = resolved["architecture"]
+        if arch is not None:
+            if "n_conv_per_stage" not in architecture["arch_kwargs"]:
+                raise KDConfigurationError(f"--arch {arch} needs teacher plans of nnU-Net's PlainConvUNet kind "
+                                           f"(n_conv_per_stage), e.g. nnUNetPlans; {plans['plans_name']} uses "
+                                           f"{architecture['network_class_name']}.")
+            architecture["network_class_name"] = ARCHITECTURES[arch]
+        architecture["arch_kwargs"] = scale_architecture(architecture["arch_kwargs"], width, stages, convs,
+                                                         min_features)
         student["configurations"][configuration] = resolved
     return student
 

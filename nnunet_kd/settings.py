@@ -83,6 +83,35 @@ class SoftTargetSettings(KDSettings):
                  f"KD temperature must be finite and > 0, got {self.temperature}")
 
 
+@dataclass(frozen=True)
+class MultiScaleSettings(BaseKDSettings):
+    """`L = seg_weight · L_seg + soft_weight · Σ_i w_i L_soft_i + affinity_weight · Σ_i w_i CAKD_i` (Zhao et al. 2023).
+
+    scale_weights: w_i per deep-supervision output, full resolution first ('0.4,0.2,0.2,0.2': the paper's four decoder
+    scales); outputs beyond the list get 0. temperature: T of the soft-target term and of the class affinities.
+    """
+
+    seg_weight: float = 0.8
+    soft_weight: float = 0.2
+    affinity_weight: float = 0.1
+    temperature: float = 1.0
+    scale_weights: str = "0.4,0.2,0.2,0.2"
+
+    def __post_init__(self) -> None:
+        for name in ("seg_weight", "soft_weight", "affinity_weight"):
+            value = getattr(self, name)
+            _require(_is_finite_at_least(value, 0), f"KD {name} must be finite and >= 0, got {value}")
+        _require(_is_finite_at_least(self.temperature, 0, strict=True),
+                 f"KD temperature must be finite and > 0, got {self.temperature}")
+        try:
+            weights = [float(w) for w in self.scale_weights.replace(" ", ",").split(",") if w]
+        except ValueError:
+            weights = []
+        _require(bool(weights) and all(_is_finite_at_least(w, 0) for w in weights) and sum(weights) > 0,
+                 f"KD scale_weights must be comma-separated non-negative numbers with a positive sum, got "
+                 f"{self.scale_weights!r}")
+
+
 def write_settings_file(folder: str | Path, record: dict) -> Path:
     path = Path(folder) / SETTINGS_FILE
     path.write_text(json.dumps(record, indent=2, sort_keys=True))

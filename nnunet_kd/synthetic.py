@@ -62,7 +62,7 @@ def generate_case(rng: np.random.Generator, spec: SyntheticSpec) -> tuple[np.nda
     start, end = extent * rng.uniform(0.1, 0.3, 3), extent * rng.uniform(0.7, 0.9, 3)
     bend = extent * rng.uniform(-0.2, 0.2, 3)
     path = start[:, None] * (1 - t) + end[:, None] * t + bend[:, None] * np.sin(np.pi * t)
-    radius = rng.uniform(1.6, 2.6)
+    radius = rng.uniform(1.8, 2.8)
     vessel = np.zeros(shape, dtype=bool)
     for p in path.T:
         lo = np.maximum(((p - radius - 1) / spacing).astype(int), 0)
@@ -79,11 +79,12 @@ def generate_case(rng: np.random.Generator, spec: SyntheticSpec) -> tuple[np.nda
         if len(organ_voxels) == 0:
             break
         c = organ_voxels[rng.integers(len(organ_voxels))] * np.array(spacing)
-        r = rng.uniform(3.0, 6.0)
+        r = rng.uniform(3.5, 6.5)
         seg[(_ellipsoid(coords, c, (r, r, r)) < 1) & (seg == LABELS["organ"])] = LABELS["lesion"]
 
-    # intensities: the lesion differs from the organ by less than the noise, so it needs spatial context
-    means = {0: 0.0, 1: rng.uniform(1.0, 1.4), 2: rng.uniform(1.6, 2.0), 3: rng.uniform(2.0, 2.6)}
+    # intensities: the lesion differs from the organ by about the noise level, and bright distractors outside the
+    # organ look like lesions, so telling them apart needs spatial context
+    means = {0: 0.0, 1: rng.uniform(1.0, 1.3), 2: rng.uniform(1.8, 2.1), 3: rng.uniform(2.4, 2.8)}
     image = np.zeros(shape, dtype=np.float32)
     for label, mean in means.items():
         image[seg == label] = mean
@@ -95,7 +96,7 @@ def generate_case(rng: np.random.Generator, spec: SyntheticSpec) -> tuple[np.nda
         blob = (_ellipsoid(coords, c, (r, r, r)) < 1) & (seg == 0)
         image[blob] = means[2]
     bias = 1 + 0.2 * _smooth_noise(rng, shape, 12.0)
-    image = image * bias + rng.normal(0, 0.45, shape).astype(np.float32)
+    image = image * bias + rng.normal(0, 0.4, shape).astype(np.float32)
     return (100 * image + 300).astype(np.float32), seg
 
 

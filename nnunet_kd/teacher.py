@@ -165,15 +165,25 @@ def required_divisor(config) -> np.ndarray:
 class FrozenTeacher(nn.Module):
     """One or several (fold ensemble) frozen networks whose logits are averaged.
 
-    Inputs are zero-padded at the far end of each axis to a multiple of the teacher's total stride when needed (the
-    student patch may come from plans with fewer stages), and the logits are cropped back. Zero is the value nnU-Net
-    pads normalised images with in sliding-window inference.
+    Returns the full-resolution logits, or with `deep_supervision` the list of the teacher's deep-supervision
+    outputs, full resolution first (for multi-scale KD). Inputs are zero-padded at the far end of each axis to a
+    multiple of the teacher's total stride when needed (the student patch may come from plans with fewer stages), and
+    the logits are cropped back. Zero is the value nnU-Net pads normalised images with in sliding-window inference.
     """
 
-    def __init__(self, networks: Sequence[nn.Module], divisor: Sequence[int]) -> None:
+    def __init__(self, networks: Sequence[nn.Module], divisor: Sequence[int], deep_supervision: bool = False) -> None:
         super().__init__()
         self.networks = nn.ModuleList(networks)
         self.divisor = [int(d) for d in divisor]
+        self.deep_supervision = deep_supervision
+        for network in self.networks:
+            decoder = getattr(network, "decoder", None)
+            if deep_supervision and not hasattr(decoder, "deep_supervision"):
+                raise KDConfigurationError(f"The teacher architecture {type(network).__name__} has no nnU-Net "
+                                           f"deep-supervision switch (decoder.deep_supervision), which multi-scale "
+                                           f"KD needs. Use a single-scale KD trainer for this teacher.")
+            if decoder is not None and hasattr(decoder, "deep_supervision"):
+                decoder.deep_supervision = deep_supervision
         self.requires_grad_(False)
         self.eval()
 
@@ -185,22 +195,23 @@ class FrozenTeacher(nn.Module):
         return [(-s) % d for s, d in zip(spatial_shape, self.divisor)]
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         spatial = x.shape[2:]
         pad = self.padding_for(spatial)
         if any(pad):
             # F.pad lists pads from the last axis backwards
             x = F.pad(x, [p for amount in reversed(pad) for p in (0, amount)])
-        logits = None
+        summed = None
         for network in self.networks:
             out = network(x)
-            if isinstance(out, (list, tuple)):  # a teacher built with deep supervision on
-                out = out[0]
-            logits = out.float() if logits is None else logits + out.float()
-        logits = logits / len(self.networks)
+            out = [o.float() for o in out] if isinstance(out, (list, tuple)) else [out.float()]
+            summed = out if summed is None else [a + b for a, b in zip(summed, out)]
+        outputs = [o / len(self.networks) for o in summed]
         if any(pad):
-            logits = logits[(slice(None), slice(None)) + tuple(slice(0, s) for s in spatial)]
-        return logits
+            # each output keeps the share of the unpadded extent that corresponds to its own downsampling
+            outputs = [o[(slice(None), slice(None)) + tuple(slice(0, -(-s * o.shape[2 + i] // x.shape[2 + i]))
+                                                            for i, s in enumerate(spatial))] for o in outputs]
+        return outputs if self.deep_supervision else outputs[0]
 
 
 @dataclass
@@ -213,7 +224,7 @@ class LoadedTeacher:
     num_parameters: int
 
 
-def load_teacher(spec: TeacherSpec, device: torch.device) -> LoadedTeacher:
+def load_teacher(spec: TeacherSpec, device: torch.device, deep_supervision: bool = False) -> LoadedTeacher:
     """Rebuild the teacher with nnU-Net's predictor (its own trainer class and plans), one network per fold."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -224,6 +235,6 @@ def load_teacher(spec: TeacherSpec, device: torch.device) -> LoadedTeacher:
         network = copy.deepcopy(predictor.network)
         network.load_state_dict(params)
         networks.append(network)
-    module = FrozenTeacher(networks, required_divisor(predictor.configuration_manager)).to(device)
+    module = FrozenTeacher(networks, required_divisor(predictor.configuration_manager), deep_supervision).to(device)
     return LoadedTeacher(module, predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json,
                          predictor.trainer_name, sum(p.numel() for p in networks[0].parameters()))

@@ -21,7 +21,7 @@ from nnunet_kd import __version__
 from nnunet_kd.errors import KDConfigurationError
 from nnunet_kd.losses import DeepSupervisionKD, kd_scale_weights
 from nnunet_kd.progress import KDLocalLogger
-from nnunet_kd.settings import SETTINGS_FILE, KDSettings, read_settings_file, write_settings_file
+from nnunet_kd.settings import SETTINGS_FILE, BaseKDSettings, KDSettings, read_settings_file, write_settings_file
 from nnunet_kd.teacher import (
     ENV_TEACHER,
     ENV_TEACHER_CHECKPOINT,
@@ -37,11 +37,17 @@ from nnunet_kd.teacher import (
 
 
 class nnUNetTrainerKD(nnUNetTrainer):
-    """`L = L_seg(deep supervision) + alpha · L_KD(student, teacher)`; subclasses choose `L_KD` and its defaults."""
+    """`L = w_seg · L_seg(deep supervision) + Σ_k w_k · L_k(student, teacher)`.
 
-    kd_defaults: ClassVar[KDSettings] = KDSettings()
+    Single-term trainers implement `build_kd_loss` (`L = L_seg + alpha · L_KD`, on the scales of the `scales`
+    setting); multi-term ones override `build_kd_terms`, `seg_loss_weight` and `kd_loss_parts`.
+    """
+
+    kd_defaults: ClassVar[BaseKDSettings] = KDSettings()
     # what train_step returns besides 'loss'; each is logged per epoch as 'train_<part>' and drawn in progress.png
     kd_loss_parts: ClassVar[tuple[str, ...]] = ("seg_loss", "kd_loss")
+    # whether the KD terms compare deep-supervision outputs with the teacher's own (multi-scale KD)
+    teacher_deep_supervision: ClassVar[bool] = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -50,13 +56,22 @@ class nnUNetTrainerKD(nnUNetTrainer):
         self.teacher_spec = resolve_teacher_spec(os.environ.get("nnUNet_results"), self.plans_manager.dataset_name,
                                                  configuration, fold)
         self.teacher: FrozenTeacher | None = None
-        self.kd_loss: nn.Module | None = None
+        self.kd_terms: dict[str, tuple[nn.Module, float]] = {}
         self._recorded_run: dict | None = None  # what kd_settings.json said when resuming
         self.logger.local_logger = KDLocalLogger([f"train_{p}" for p in self.kd_loss_parts])
 
     def build_kd_loss(self, activation: str) -> nn.Module:
         """The per-output KD loss `(student_logits, teacher_logits) -> scalar`; 'softmax' or 'sigmoid' outputs."""
         raise NotImplementedError
+
+    def build_kd_terms(self, activation: str, num_outputs: int) -> dict[str, tuple[nn.Module, float]]:
+        """Each KD term: name -> (module(student_output, teacher_output) -> scalar, its weight in the total loss)."""
+        weights = kd_scale_weights(num_outputs, self.kd_settings.scales)
+        return {"kd_loss": (DeepSupervisionKD(self.build_kd_loss(activation), weights), self.kd_settings.alpha)}
+
+    @property
+    def seg_loss_weight(self) -> float:
+        return 1.0
 
     # ---- start-up: everything that can be wrong is checked before nnU-Net writes a file or runs a step ----
     def on_train_start(self):
@@ -82,7 +97,7 @@ class nnUNetTrainerKD(nnUNetTrainer):
                 f"this training started, so resuming with --c would not continue the same run. Restore the original "
                 f"teacher, or start a new training without --c.")
 
-        teacher = load_teacher(self.teacher_spec, self.device)
+        teacher = load_teacher(self.teacher_spec, self.device, self.teacher_deep_supervision)
         problems = compatibility_problems(teacher.plans_manager, teacher.configuration_manager, teacher.dataset_json,
                                           self.plans_manager, self.configuration_manager, self.dataset_json)
         if problems:
@@ -92,8 +107,10 @@ class nnUNetTrainerKD(nnUNetTrainer):
         self.teacher = teacher.module
         num_outputs = len(self._get_deep_supervision_scales()) if self.enable_deep_supervision else 1
         activation = "sigmoid" if self.label_manager.has_regions else "softmax"
-        self.kd_loss = DeepSupervisionKD(self.build_kd_loss(activation),
-                                         kd_scale_weights(num_outputs, self.kd_settings.scales))
+        self.kd_terms = self.build_kd_terms(activation, num_outputs)
+        if ("seg_loss", *self.kd_terms) != tuple(self.kd_loss_parts):
+            raise RuntimeError(f"{type(self).__name__}.kd_loss_parts {self.kd_loss_parts} must be 'seg_loss' followed "
+                               f"by the KD terms {list(self.kd_terms)}")
 
         padding = self.teacher.padding_for(self.configuration_manager.patch_size)
         student_parameters = sum(p.numel() for p in self.network.parameters())
@@ -101,7 +118,9 @@ class nnUNetTrainerKD(nnUNetTrainer):
             "trainer": type(self).__name__,
             "nnunet_kd_version": __version__,
             "settings": self.kd_settings.to_json(),
-            "loss": {"activation": activation, "weights_per_output": self.kd_loss.weights},
+            "loss": {"activation": activation, "seg_weight": self.seg_loss_weight,
+                     "terms": {name: {"weight": weight, "weights_per_output": getattr(module, "weights", None)}
+                               for name, (module, weight) in self.kd_terms.items()}},
             "teacher": {**self.teacher_spec.to_json(), "trainer": teacher.trainer_name,
                         "plans": teacher.plans_manager.plans_name,
                         "data_identifier": teacher.configuration_manager.data_identifier,
@@ -113,7 +132,7 @@ class nnUNetTrainerKD(nnUNetTrainer):
                         "num_parameters": student_parameters},
         }
         self.print_to_log_file(f"Knowledge distillation ({type(self).__name__}): settings {record['settings']}, "
-                               f"KD weight per output {record['loss']['weights_per_output']} ({activation})\n"
+                               f"loss {record['loss']}\n"
                                f"teacher {self.teacher_spec.model_folder} folds {list(self.teacher_spec.folds)} "
                                f"{self.teacher_spec.checkpoint_name}: {teacher.num_parameters:,} parameters; "
                                f"student: {student_parameters:,} parameters", also_print_to_console=True)
@@ -149,14 +168,14 @@ class nnUNetTrainerKD(nnUNetTrainer):
 
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            teacher_logits = self.teacher(data)
+            teacher_output = self.teacher(data)
             output = self.network(data)
-            seg_loss = self.loss(output, target)
-            kd_loss = self.kd_loss(output, teacher_logits)
-            loss = seg_loss + self.kd_settings.alpha * kd_loss
+            parts = {"seg_loss": self.loss(output, target)}
+            parts.update({name: module(output, teacher_output) for name, (module, _) in self.kd_terms.items()})
+            loss = self.seg_loss_weight * parts["seg_loss"] + sum(weight * parts[name]
+                                                                  for name, (_, weight) in self.kd_terms.items())
         self._backward_and_step(loss)
-        return {"loss": loss.detach().cpu().numpy(), "seg_loss": seg_loss.detach().cpu().numpy(),
-                "kd_loss": kd_loss.detach().cpu().numpy()}
+        return {"loss": loss.detach().cpu().numpy(), **{k: v.detach().cpu().numpy() for k, v in parts.items()}}
 
     def _backward_and_step(self, loss: torch.Tensor) -> None:
         # the same update as nnUNetTrainer.train_step: gradient scaling on CUDA, clipping at norm 12

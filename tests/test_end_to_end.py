@@ -145,7 +145,8 @@ def test_kd_student_teaches_a_smaller_student_with_other_plans(workspace, kd_stu
     assert recorded["teacher"]["plans"] == STUDENT_PLANS and recorded["teacher"]["trainer"] == \
         "nnUNetTrainerKDLogits_debug"
     assert recorded["settings"]["scales"] == "all"
-    assert len(recorded["loss"]["weights_per_output"]) == 2 and recorded["loss"]["weights_per_output"][0] == 1.0
+    weights = recorded["loss"]["terms"]["kd_loss"]["weights_per_output"]
+    assert len(weights) == 2 and weights[0] == 1.0 and weights[1] == 0.0  # nnU-Net's DS weights, lowest scale 0
     assert recorded["student"]["num_parameters"] < recorded["teacher"]["num_parameters"]
 
 
@@ -288,3 +289,42 @@ def test_student_plans_command_refuses_to_overwrite_different_plans(workspace):
                         teacher["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"]]
     assert plans["configurations"]["3d_fullres"]["data_identifier"] == \
         teacher["configurations"]["3d_fullres"]["data_identifier"]
+
+
+# ---- LCOV-Net student and the class-affinity / multi-scale trainers (Zhao et al. 2023) ----
+def test_lcovnet_student_trained_with_stock_trainer_and_with_multiscale_kd(workspace, teacher_3d, tmp_path):
+    workspace.run("nnunet_kd", "student-plans", str(DATASET_ID), "--arch", "lcovnet", "--width", "0.5")
+    plans = "nnUNetPlans_KDStudent_lcovnet_w0.5"
+    # the plans alone make stock nnU-Net build LCOV-Net: no trainer involvement
+    workspace.train("nnUNetTrainer_debug", 0, plans)
+    workspace.train("nnUNetTrainerKDMultiScale_debug", 0, plans, env={"nnUNet_KD_teacher": teacher_3d.name})
+
+    model = workspace.model_folder("nnUNetTrainerKDMultiScale_debug", plans)
+    fold = model / "fold_0"
+    recorded = json.loads((fold / "kd_settings.json").read_text())
+    terms = recorded["loss"]["terms"]
+    assert recorded["loss"]["seg_weight"] == 0.8
+    assert terms["soft_loss"]["weight"] == 0.2 and terms["affinity_loss"]["weight"] == 0.1
+    assert terms["affinity_loss"]["weights_per_output"] == [0.4, 0.2, 0.2]  # 3 decoder scales on this small patch
+    logging = _checkpoint(fold / "checkpoint_final.pth")["logging"]
+    assert len(logging["train_soft_loss"]) == len(logging["train_affinity_loss"]) == 2
+    assert 0 < min(logging["train_affinity_loss"]) and max(logging["train_affinity_loss"]) <= 1
+
+    out = tmp_path / "predictions"
+    results = tmp_path / "results"
+    shutil.copytree(model, results / model.parent.name / model.name)  # the student alone
+    workspace.run("nnUNetv2_predict", "-i", str(workspace.raw / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID),
+                  "-c", "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerKDMultiScale_debug", "-p", plans,
+                  "-device", "cpu", "-npp", "1", "-nps", "1", env={"nnUNet_results": str(results)})
+    assert len(list(out.glob("*.nii.gz"))) == len(list((workspace.raw / "imagesTs").glob("*.nii.gz")))
+    plans_json = json.loads((model / "plans.json").read_text())
+    assert plans_json["configurations"]["3d_fullres"]["architecture"]["network_class_name"] == \
+        "nnunet_kd.architectures.lcovnet.LCOVNet"
+
+
+def test_class_affinity_trainer(workspace, teacher_3d):
+    workspace.train("nnUNetTrainerKDClassAffinity_debug", 1, STUDENT_PLANS,
+                    env={"nnUNet_KD_teacher": teacher_3d.name})
+    fold = workspace.model_folder("nnUNetTrainerKDClassAffinity_debug", STUDENT_PLANS) / "fold_1"
+    logging = _checkpoint(fold / "checkpoint_final.pth")["logging"]
+    assert 0 < min(logging["train_kd_loss"]) and max(logging["train_kd_loss"]) <= 1

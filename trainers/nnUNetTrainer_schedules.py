@@ -6,8 +6,10 @@ validation) in seconds on a CPU. The test suite uses these.
 KD student, short enough for a 2-core CPU.
 """
 import torch
+from nnUNetTrainerKDClassAffinity import nnUNetTrainerKDClassAffinity
 from nnUNetTrainerKDLogitMatching import nnUNetTrainerKDLogitMatching
 from nnUNetTrainerKDLogits import nnUNetTrainerKDLogits
+from nnUNetTrainerKDMultiScale import nnUNetTrainerKDMultiScale
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 
@@ -27,9 +29,9 @@ class _Demo:
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 8
-        self.num_iterations_per_epoch = 25
-        self.num_val_iterations_per_epoch = 5
+        self.num_epochs = 6
+        self.num_iterations_per_epoch = 20
+        self.num_val_iterations_per_epoch = 4
 
 
 class nnUNetTrainer_debug(_Debug, nnUNetTrainer):
@@ -44,9 +46,21 @@ class nnUNetTrainerKDLogitMatching_debug(_Debug, nnUNetTrainerKDLogitMatching):
     pass
 
 
+class nnUNetTrainerKDClassAffinity_debug(_Debug, nnUNetTrainerKDClassAffinity):
+    pass
+
+
+class nnUNetTrainerKDMultiScale_debug(_Debug, nnUNetTrainerKDMultiScale):
+    pass
+
+
 class nnUNetTrainer_demo(_Demo, nnUNetTrainer):
     pass
 
 
 class nnUNetTrainerKDLogits_demo(_Demo, nnUNetTrainerKDLogits):
+    pass
+
+
+class nnUNetTrainerKDMultiScale_demo(_Demo, nnUNetTrainerKDMultiScale):
     pass

@@ -1,0 +1,342 @@
+"""Benchmarks: the cost of a KD training step, student inference speed, and a results report.
+
+Timings are taken side by side in one process (interleaved, after warm-up, medians), because only ratios measured
+together mean something on a shared machine. CUDA timings synchronise and use nnU-Net's own autocast (train_step).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nnunet_kd.checkpoints import count_weights, load_checkpoint
+from nnunet_kd.errors import KDConfigurationError
+from nnunet_kd.settings import SETTINGS_FILE
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+@contextmanager
+def _environment(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def synthetic_batch(trainer, seed: int = 0) -> dict:
+    """A batch of the trainer's shape: random normalised images, random labels at every deep-supervision scale."""
+    generator = torch.Generator().manual_seed(seed)
+    patch = list(trainer.configuration_manager.patch_size)
+    data = torch.randn(trainer.batch_size, trainer.num_input_channels, *patch, generator=generator)
+    num_labels = max(2, len(trainer.label_manager.all_labels))
+    seg = torch.randint(0, num_labels, (trainer.batch_size, 1, *patch), generator=generator).float()
+    if trainer.label_manager.has_regions:
+        seg = torch.cat([(seg > 0).float()] * trainer.label_manager.num_segmentation_heads, 1)
+    scales = trainer._get_deep_supervision_scales()
+    if scales is None:
+        return {"data": data, "target": seg}
+    targets = [seg if all(s == 1 for s in scale) else
+               F.interpolate(seg, size=[round(p * s) for p, s in zip(patch, scale)], mode="nearest")
+               for scale in scales]
+    return {"data": data, "target": targets}
+
+
+def bench_step(dataset: str, configuration: str, plans: str, trainers: Sequence[str], teacher_folder: str,
+               device: str = "cpu", warmup: int = 2, repeats: int = 5, fold: int = 0) -> dict:
+    """Time train_step of each trainer on one batch, interleaved, plus the teacher's forward pass alone.
+
+    The first trainer should be the plain student (e.g. nnUNetTrainer with the student plans): ratios are relative to
+    it, and the bound `(student step + teacher forward) / student step` is what a KD step would cost if the teacher
+    cost nothing beyond its forward pass.
+    """
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    from nnunet_kd.trainer import nnUNetTrainerKD
+
+    torch_device = torch.device(device)
+    with tempfile.TemporaryDirectory() as scratch, \
+            _environment(nnUNet_results=scratch, nnUNet_KD_teacher=os.path.abspath(teacher_folder)):
+        instances = {}
+        for name in trainers:
+            trainer = get_trainer_from_args(dataset, configuration, fold, name, plans, device=torch_device)
+            trainer.initialize()
+            if isinstance(trainer, nnUNetTrainerKD):
+                trainer._prepare_distillation()
+            trainer.network.train()
+            instances[name] = trainer
+        teacher = next((t.teacher for t in instances.values() if isinstance(t, nnUNetTrainerKD)), None)
+        if teacher is None:
+            raise KDConfigurationError("bench step needs at least one KD trainer, to load the teacher.")
+        first = next(iter(instances.values()))
+        batch = synthetic_batch(first)
+        teacher_input = batch["data"].to(torch_device)
+
+        def teacher_forward():
+            with torch.autocast(device, enabled=True) if device == "cuda" else _nullcontext():
+                teacher(teacher_input)
+
+        times: dict[str, list[float]] = {name: [] for name in instances}
+        teacher_times: list[float] = []
+        for round_ in range(warmup + repeats):
+            for name, trainer in instances.items():
+                elapsed = _timed(lambda trainer=trainer: trainer.train_step(batch), torch_device)
+                if round_ >= warmup:
+                    times[name].append(elapsed)
+            elapsed = _timed(teacher_forward, torch_device)
+            if round_ >= warmup:
+                teacher_times.append(elapsed)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    base = medians[trainers[0]]
+    teacher_forward_s = statistics.median(teacher_times)
+    return {
+        "device": device, "dataset": dataset, "configuration": configuration, "plans": plans,
+        "batch_size": first.batch_size, "patch_size": list(first.configuration_manager.patch_size),
+        "warmup": warmup, "repeats": repeats, "teacher": os.path.abspath(teacher_folder),
+        "teacher_forward_s": teacher_forward_s,
+        "bound_ratio": (base + teacher_forward_s) / base,
+        "trainers": [{"trainer": name, "step_s": medians[name], "ratio": medians[name] / base} for name in trainers],
+    }
+
+
+@contextmanager
+def _nullcontext():
+    yield
+
+
+def format_step(result: dict) -> str:
+    lines = [f"train step, {result['device']}, batch {result['batch_size']} x {result['patch_size']}, "
+             f"median of {result['repeats']} after {result['warmup']} warm-up (interleaved)",
+             f"{'trainer':<40}{'s/step':>10}{'ratio':>8}"]
+    for row in result["trainers"]:
+        lines.append(f"{row['trainer']:<40}{row['step_s']:>10.4f}{row['ratio']:>8.3f}")
+    lines.append(f"teacher forward alone: {result['teacher_forward_s']:.4f} s; bound (student step + teacher forward) "
+                 f"/ student step = {result['bound_ratio']:.3f}")
+    return "\n".join(lines)
+
+
+class _PeakMemory:
+    """Peak extra memory while a block runs: CUDA allocator statistics, or sampled resident memory on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak_mib = device, 0.0
+
+    @staticmethod
+    def _rss_mib() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+    def __enter__(self) -> _PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device) / 2 ** 20
+        else:
+            self._start, self._running = self._rss_mib(), True
+            self._high = self._start
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self._running:
+            self._high = max(self._high, self._rss_mib())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2 ** 20 - self._start
+        else:
+            self._running = False
+            self._thread.join()
+            self.peak_mib = max(self._high, self._rss_mib()) - self._start
+
+
+def flops_per_patch(network: torch.nn.Module, num_input_channels: int, patch_size: Sequence[int]) -> int:
+    """FLOPs of one forward pass on one patch, counted by torch's own FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    x = torch.zeros(1, num_input_channels, *patch_size, device=next(network.parameters()).device)
+    with counter, torch.no_grad():
+        network(x)
+    return int(counter.get_total_flops())
+
+
+def _load_predictor(model_folder: str, folds, device: torch.device, checkpoint: str = "checkpoint_final.pth"):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(device=device, perform_everything_on_device=device.type == "cuda", allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint)
+    predictor.network.to(device).eval()
+    return predictor
+
+
+def bench_infer(model_folders: Sequence[str], images: Sequence[Sequence[str]], device: str = "cpu",
+                folds: Sequence[int | str] = (0,), warmup: int = 1) -> dict:
+    """Stock nnUNetPredictor on the same cases for every model, interleaved per case; network time only
+    (sliding window + mirroring at nnU-Net's defaults), preprocessing done once beforehand."""
+    torch_device = torch.device(device)
+    predictors = [_load_predictor(folder, tuple(folds), torch_device) for folder in model_folders]
+    first = predictors[0]
+    preprocessor = first.configuration_manager.preprocessor_class(verbose=False)
+    cases = []
+    for files in images:
+        data, _, _ = preprocessor.run_case(list(files), None, first.plans_manager, first.configuration_manager,
+                                           first.dataset_json)
+        cases.append(torch.from_numpy(data))
+    rows = []
+    for folder, predictor in zip(model_folders, predictors):
+        patch = predictor.configuration_manager.patch_size
+        channels = cases[0].shape[0]
+        rows.append({"model": folder, "trainer": predictor.trainer_name, "plans": predictor.plans_manager.plans_name,
+                     "parameters": sum(p.numel() for p in predictor.network.parameters()),
+                     "flops_per_patch": flops_per_patch(predictor.network, channels, patch),
+                     "patch_size": list(patch), "times": [], "peak_memory_mib": 0.0})
+    for _ in range(warmup):
+        for predictor in predictors:
+            predictor.predict_logits_from_preprocessed_data(cases[0])
+    for case in cases:
+        for row, predictor in zip(rows, predictors):
+            with _PeakMemory(torch_device) as memory:
+                row["times"].append(_timed(lambda p=predictor: p.predict_logits_from_preprocessed_data(case),
+                                           torch_device))
+            row["peak_memory_mib"] = max(row["peak_memory_mib"], memory.peak_mib)
+    for row in rows:
+        row["seconds_per_case"] = statistics.median(row.pop("times"))
+    for row in rows:
+        row["speed_ratio"] = rows[0]["seconds_per_case"] / row["seconds_per_case"]
+    return {"device": device, "cases": len(cases), "models": rows}
+
+
+def format_infer(result: dict) -> str:
+    lines = [f"inference, {result['device']}, {result['cases']} cases, median network seconds per case "
+             f"(sliding window + mirroring), models interleaved",
+             f"{'model':<60}{'params':>12}{'GFLOPs/patch':>14}{'s/case':>9}{'speed-up':>9}{'peak MiB':>10}"]
+    for row in result["models"]:
+        name = Path(row["model"]).name
+        lines.append(f"{name:<60}{row['parameters']:>12,}{row['flops_per_patch'] / 1e9:>14.2f}"
+                     f"{row['seconds_per_case']:>9.3f}{row['speed_ratio']:>9.2f}{row['peak_memory_mib']:>10.0f}")
+    return "\n".join(lines)
+
+
+# ---- report ----
+def _summary_dice(summary: dict) -> tuple[dict[str, float], float, float | None]:
+    per_class = {k: v["Dice"] for k, v in summary["mean"].items()}
+    hd95 = [v["HD95"] for v in summary["mean"].values() if "HD95" in v]
+    return per_class, summary["foreground_mean"]["Dice"], (float(np.mean(hd95)) if hd95 else None)
+
+
+def collect_models(results_dataset_folder: Path) -> list[dict]:
+    """Every trained fold in `$nnUNet_results/<dataset>` with nnU-Net's own validation summary."""
+    rows = []
+    for model in sorted(p for p in results_dataset_folder.iterdir() if p.is_dir() and p.name.count("__") == 2):
+        trainer, plans, configuration = model.name.split("__")
+        for fold in sorted(model.glob("fold_*")):
+            summary, checkpoint = fold / "validation" / "summary.json", fold / "checkpoint_final.pth"
+            if not (summary.is_file() and checkpoint.is_file()):
+                continue
+            per_class, mean, hd95 = _summary_dice(json.loads(summary.read_text()))
+            settings = fold / SETTINGS_FILE
+            rows.append({"model": model, "trainer": trainer, "plans": plans, "configuration": configuration,
+                         "fold": fold.name.removeprefix("fold_"), "dice": per_class, "mean_dice": mean,
+                         "hd95": hd95,
+                         "parameters": count_weights(load_checkpoint(checkpoint)["network_weights"]),
+                         "kd": json.loads(settings.read_text()) if settings.is_file() else None})
+    return rows
+
+
+def _gap_closed(row: dict, rows: list[dict]) -> float | None:
+    """(KD − same student without KD) / (teacher − same student without KD), on mean validation Dice."""
+    if row["kd"] is None:
+        return None
+    teacher_folder = Path(row["kd"]["teacher"]["model_folder"]).name
+    teacher = [r for r in rows if r["model"].name == teacher_folder and r["fold"] == row["fold"]]
+    plain = [r for r in rows if r["kd"] is None and r["plans"] == row["plans"] and r["fold"] == row["fold"]
+             and r["configuration"] == row["configuration"]]
+    if not teacher or not plain:
+        return None
+    # prefer the plain student trained with the same schedule suffix (e.g. _demo, _20epochs)
+    suffix = row["trainer"].split("_", 1)[1] if "_" in row["trainer"] else ""
+    plain.sort(key=lambda r: not r["trainer"].endswith(suffix) if suffix else r["trainer"] != "nnUNetTrainer")
+    gap = teacher[0]["mean_dice"] - plain[0]["mean_dice"]
+    return (row["mean_dice"] - plain[0]["mean_dice"]) / gap if gap > 0 else None
+
+
+def report(results_dataset_folder: Path, device: str = "cpu", time_cases: int = 2) -> str:
+    """One Markdown table for a dataset: size, FLOPs, Dice per class (nnU-Net's validation summary.json), HD95 if
+    computed, CPU seconds per case on that fold's validation cases, and the share of the Dice gap that KD closed."""
+    rows = collect_models(results_dataset_folder)
+    if not rows:
+        raise KDConfigurationError(f"No trained model with a validation summary.json in {results_dataset_folder}.")
+    torch_device = torch.device(device)
+    for row in rows:
+        predictor = _load_predictor(str(row["model"]), (row["fold"] if row["fold"] == "all" else int(row["fold"]),),
+                                    torch_device)
+        patch = predictor.configuration_manager.patch_size
+        cases = _validation_cases(row, predictor, time_cases)
+        row["flops"] = flops_per_patch(predictor.network, cases[0].shape[0], patch) if cases else None
+        row["seconds_per_case"] = statistics.median(
+            _timed(lambda c=c: predictor.predict_logits_from_preprocessed_data(c), torch_device) for c in cases) \
+            if cases else None
+    for row in rows:
+        row["gap_closed"] = _gap_closed(row, rows)
+    classes = list(rows[0]["dice"])
+    header = ["trainer", "plans", "config", "fold", "params", "GFLOPs/patch", *[f"Dice {c}" for c in classes],
+              "mean Dice", "HD95", f"{device} s/case", "KD gap closed"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["trainer"], row["plans"], row["configuration"], row["fold"], f"{row['parameters']:,}",
+                 f"{row['flops'] / 1e9:.2f}" if row["flops"] else "n/a",
+                 *[f"{row['dice'][c]:.4f}" for c in classes], f"{row['mean_dice']:.4f}",
+                 f"{row['hd95']:.2f}" if row["hd95"] is not None else "n/a",
+                 f"{row['seconds_per_case']:.2f}" if row["seconds_per_case"] is not None else "n/a",
+                 f"{row['gap_closed']:.0%}" if row["gap_closed"] is not None and math.isfinite(row["gap_closed"])
+                 else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _validation_cases(row: dict, predictor, limit: int) -> list[torch.Tensor]:
+    """Up to `limit` preprocessed validation cases of the model's fold, as the final validation saw them."""
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    if limit <= 0 or not nnUNet_preprocessed.is_set():
+        return []
+    validation = row["model"] / f"fold_{row['fold']}" / "validation"
+    keys = sorted(p.name.removesuffix(predictor.dataset_json["file_ending"]) for p in validation.iterdir()
+                  if p.name.endswith(predictor.dataset_json["file_ending"]))[:limit]
+    folder = Path(nnUNet_preprocessed.get()) / predictor.plans_manager.dataset_name / \
+        predictor.configuration_manager.data_identifier
+    if not keys or not folder.is_dir():
+        return []
+    dataset = infer_dataset_class(str(folder))(str(folder), keys)
+    return [torch.from_numpy(np.asarray(dataset.load_case(k)[0][:])) for k in keys]
