@@ -226,7 +226,7 @@ def bench_infer(model_folders: Sequence[str], images: Sequence[Sequence[str]], d
     for case in cases:
         for row, predictor in zip(rows, predictors):
             with _PeakMemory(torch_device) as memory:
-                row["times"].append(_timed(lambda p=predictor: p.predict_logits_from_preprocessed_data(case),
+                row["times"].append(_timed(lambda p=predictor, c=case: p.predict_logits_from_preprocessed_data(c),
                                            torch_device))
             row["peak_memory_mib"] = max(row["peak_memory_mib"], memory.peak_mib)
     for row in rows:
@@ -304,7 +304,7 @@ def report(results_dataset_folder: Path, device: str = "cpu", time_cases: int = 
         cases = _validation_cases(row, predictor, time_cases)
         row["flops"] = flops_per_patch(predictor.network, cases[0].shape[0], patch) if cases else None
         row["seconds_per_case"] = statistics.median(
-            _timed(lambda c=c: predictor.predict_logits_from_preprocessed_data(c), torch_device) for c in cases) \
+            _timed(lambda p=predictor, c=c: p.predict_logits_from_preprocessed_data(c), torch_device) for c in cases) \
             if cases else None
     for row in rows:
         row["gap_closed"] = _gap_closed(row, rows)

@@ -60,6 +60,76 @@ def generate_dataset_command(args: argparse.Namespace) -> None:
     print(f"wrote {write_dataset(raw, args.dataset_id, spec=spec)}")
 
 
+DEFAULT_STEP_TRAINERS = ["nnUNetTrainer", "nnUNetTrainerKDLogits", "nnUNetTrainerKDLogitMatching",
+                         "nnUNetTrainerKDClassAffinity", "nnUNetTrainerKDMultiScale"]
+
+
+def _use_demo_workspace_if_unset(workdir: str) -> None:
+    """Benchmarks default to the demo's dataset: point nnU-Net at the demo's folders unless the user set them."""
+    from nnunet_kd.demo import workspace_environment
+
+    if not os.environ.get("nnUNet_results") and Path(workdir).is_dir():
+        os.environ.update(workspace_environment(Path(workdir).resolve()))
+
+
+def _default_teacher(dataset: str, configuration: str) -> str:
+    from nnunetv2.paths import nnUNet_results
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    if not nnUNet_results.is_set():
+        raise KDConfigurationError("nnUNet_results is not set; export it or run `nnunet_kd demo` first.")
+    folder = Path(nnUNet_results.get()) / maybe_convert_to_dataset_name(dataset)
+    for trainer in ("nnUNetTrainer", "nnUNetTrainer_demo"):
+        candidate = folder / f"{trainer}__nnUNetPlans__{configuration}"
+        if candidate.is_dir():
+            return str(candidate)
+    raise KDConfigurationError(f"No teacher in {folder}; pass --teacher MODEL_FOLDER.")
+
+
+def bench_step_command(args: argparse.Namespace) -> None:
+    from nnunet_kd.bench import bench_step, format_step
+
+    _use_demo_workspace_if_unset(args.workdir)
+    teacher = args.teacher or _default_teacher(args.dataset, args.configuration)
+    result = bench_step(args.dataset, args.configuration, args.plans, args.trainers, teacher, args.device,
+                        args.warmup, args.repeats)
+    print(format_step(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def bench_infer_command(args: argparse.Namespace) -> None:
+    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+
+    from nnunet_kd.bench import bench_infer, format_infer
+
+    file_ending = json.loads((Path(args.models[0]) / "dataset.json").read_text())["file_ending"]
+    cases = create_lists_from_splitted_dataset_folder(args.images, file_ending)[:args.cases]
+    if not cases:
+        raise KDConfigurationError(f"No images ending in {file_ending} in {args.images}.")
+    folds = tuple(f if f == "all" else int(f) for f in args.folds)
+    result = bench_infer(args.models, cases, args.device, folds)
+    print(format_infer(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def report_command(args: argparse.Namespace) -> None:
+    from nnunetv2.paths import nnUNet_results
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    from nnunet_kd.bench import report
+
+    _use_demo_workspace_if_unset(args.workdir)
+    if not nnUNet_results.is_set():
+        raise KDConfigurationError("nnUNet_results is not set; export it or run `nnunet_kd demo` first.")
+    dataset = maybe_convert_to_dataset_name(args.dataset)
+    table = f"## {dataset}\n\n" + report(Path(nnUNet_results.get()) / dataset, args.device, args.time_cases)
+    print(table)
+    if args.output:
+        Path(args.output).write_text(table + "\n")
+
+
 def demo_command(args: argparse.Namespace) -> None:
     from nnunet_kd.demo import run_demo
 
@@ -100,6 +170,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--fresh", action="store_true", help="delete the work folder's earlier results first")
     p.set_defaults(func=demo_command)
+
+    p = sub.add_parser("bench", help="benchmarks: training-step cost of KD, inference speed")
+    bench = p.add_subparsers(dest="bench_command", required=True)
+    p = bench.add_parser("step", help="time train steps of the plain student and each KD trainer, interleaved")
+    p.add_argument("dataset", nargs="?", default="900", help="dataset (default: the demo's, 900)")
+    p.add_argument("-c", "--configuration", default="3d_fullres")
+    p.add_argument("-p", "--plans", default="nnUNetPlans_KDStudent_w0.25", help="student plans")
+    p.add_argument("--trainers", nargs="+", default=DEFAULT_STEP_TRAINERS,
+                   help="first one is the reference (plain student)")
+    p.add_argument("--teacher", default=None, help="teacher model folder (default: the stock or demo teacher)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--workdir", default="nnunet_kd_demo", help="demo folder used when nnUNet_results is unset")
+    p.add_argument("--json", default=None, help="also write the result as JSON here")
+    p.set_defaults(func=bench_step_command)
+
+    p = bench.add_parser("infer", help="stock nnUNetPredictor speed, size, FLOPs and memory of trained models")
+    p.add_argument("models", nargs="+", help="trained model folders (trainer__plans__configuration); ratios are "
+                                             "relative to the first")
+    p.add_argument("-i", "--images", required=True, help="folder of images in nnU-Net naming (_0000...)")
+    p.add_argument("--cases", type=int, default=3)
+    p.add_argument("-f", "--folds", nargs="+", default=["0"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=bench_infer_command)
+
+    p = sub.add_parser("report", help="Markdown table of every trained model of a dataset (validation Dice, size, "
+                                      "speed, KD gap closed)")
+    p.add_argument("dataset", nargs="?", default="900")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--time-cases", type=int, default=2, help="validation cases to time per model (0: skip)")
+    p.add_argument("--workdir", default="nnunet_kd_demo", help="demo folder used when nnUNet_results is unset")
+    p.add_argument("-o", "--output", default=None, help="also write the table to this file")
+    p.set_defaults(func=report_command)
 
     args = parser.parse_args(argv)
     try:

@@ -53,14 +53,18 @@ def _run(args: list[str], env: dict, log_file: Path) -> None:
             raise SystemExit(f"step failed (exit {process.returncode}); see {log_file}")
 
 
+def workspace_environment(workdir: Path) -> dict:
+    """nnU-Net's folder variables for a workspace laid out like the demo's."""
+    return {"nnUNet_raw": str(workdir / "raw"), "nnUNet_preprocessed": str(workdir / "preprocessed"),
+            "nnUNet_results": str(workdir / "results"),
+            "nnUNet_extTrainer": os.environ.get("nnUNet_extTrainer")
+            or str(Path(__file__).resolve().parents[1] / "trainers")}
+
+
 def _environment(workdir: Path) -> dict:
-    repo_trainers = Path(__file__).resolve().parents[1] / "trainers"
     env = dict(os.environ)
+    env.update(workspace_environment(workdir))
     env.update({
-        "nnUNet_raw": str(workdir / "raw"),
-        "nnUNet_preprocessed": str(workdir / "preprocessed"),
-        "nnUNet_results": str(workdir / "results"),
-        "nnUNet_extTrainer": env.get("nnUNet_extTrainer") or str(repo_trainers),
         "nnUNet_n_proc_DA": env.get("nnUNet_n_proc_DA", str(max(1, min(4, (os.cpu_count() or 2) - 1)))),
         "nnUNet_def_n_proc": env.get("nnUNet_def_n_proc", str(min(4, os.cpu_count() or 2))),
         "PYTHONUNBUFFERED": "1",

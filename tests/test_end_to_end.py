@@ -328,3 +328,50 @@ def test_class_affinity_trainer(workspace, teacher_3d):
     fold = workspace.model_folder("nnUNetTrainerKDClassAffinity_debug", STUDENT_PLANS) / "fold_1"
     logging = _checkpoint(fold / "checkpoint_final.pth")["logging"]
     assert 0 < min(logging["train_kd_loss"]) and max(logging["train_kd_loss"]) <= 1
+
+
+# ---- benchmark commands (structure and sanity, not timings) ----
+def test_bench_step_times_trainers_side_by_side(workspace, teacher_3d, tmp_path):
+    out = tmp_path / "step.json"
+    result = workspace.run("nnunet_kd", "bench", "step", str(DATASET_ID), "-p", STUDENT_PLANS, "--trainers",
+                           "nnUNetTrainer", "nnUNetTrainerKDLogits", "nnUNetTrainerKDMultiScale", "--teacher",
+                           str(teacher_3d), "--warmup", "1", "--repeats", "2", "--json", str(out))
+    step = json.loads(out.read_text())
+    assert [row["trainer"] for row in step["trainers"]] == ["nnUNetTrainer", "nnUNetTrainerKDLogits",
+                                                            "nnUNetTrainerKDMultiScale"]
+    assert step["trainers"][0]["ratio"] == 1.0
+    assert all(np.isfinite(row["ratio"]) and row["ratio"] > 0 and row["step_s"] > 0 for row in step["trainers"])
+    assert np.isfinite(step["bound_ratio"]) and step["bound_ratio"] > 1 and step["teacher_forward_s"] > 0
+    assert "bound (student step + teacher forward) / student step" in result.stdout
+    assert not (workspace.results / "nnUNetTrainerKDMultiScale__nnUNetPlans_KDStudent_w0.25__3d_fullres").exists(), \
+        "benchmarks must not write into the results folder"
+
+
+def test_bench_infer_compares_models_on_the_same_cases(workspace, teacher_3d, kd_student_3d, tmp_path):
+    out = tmp_path / "infer.json"
+    workspace.run("nnunet_kd", "bench", "infer", str(teacher_3d), str(kd_student_3d), "-i",
+                  str(workspace.raw / "imagesTs"), "--cases", "1", "--json", str(out))
+    infer = json.loads(out.read_text())
+    teacher, student = infer["models"]
+    assert infer["cases"] == 1 and teacher["speed_ratio"] == 1.0 and student["speed_ratio"] > 0
+    assert student["parameters"] < teacher["parameters"] and 0 < student["flops_per_patch"] < \
+        teacher["flops_per_patch"]
+    assert all(np.isfinite(m["seconds_per_case"]) and m["seconds_per_case"] > 0 and m["peak_memory_mib"] >= 0
+               for m in infer["models"])
+
+
+def test_report_tabulates_models_and_the_gap_kd_closed(workspace, kd_student_3d, tmp_path):
+    workspace.train("nnUNetTrainer_debug", 0, STUDENT_PLANS)  # the same student without KD
+    out = tmp_path / "report.md"
+    workspace.run("nnunet_kd", "report", str(DATASET_ID), "--time-cases", "1", "-o", str(out))
+    lines = out.read_text().splitlines()
+    assert lines[0] == "## Dataset901_KDSynthetic"
+    header = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert header[:6] == ["trainer", "plans", "config", "fold", "params", "GFLOPs/patch"]
+    assert header[-3:] == ["HD95", "cpu s/case", "KD gap closed"]
+    rows = {(r[0], r[1], r[2], r[3]): r for r in
+            ([c.strip() for c in line.strip("|").split("|")] for line in lines[4:])}
+    kd = rows[("nnUNetTrainerKDLogits_debug", STUDENT_PLANS, "3d_fullres", "0")]
+    assert re.fullmatch(r"-?\d+%", kd[-1]), "a KD student with a plain twin and its teacher gets a gap-closed value"
+    assert float(kd[-2]) > 0 and float(kd[5]) > 0
+    assert rows[("nnUNetTrainer_debug", "nnUNetPlans", "3d_fullres", "0")][-1] == ""

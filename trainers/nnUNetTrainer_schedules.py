@@ -64,3 +64,22 @@ class nnUNetTrainerKDLogits_demo(_Demo, nnUNetTrainerKDLogits):
 
 class nnUNetTrainerKDMultiScale_demo(_Demo, nnUNetTrainerKDMultiScale):
     pass
+
+
+# nnUNetTrainer_<N>epochs exist in nnU-Net for the teacher and plain students; these are the KD counterparts, so a
+# benchmark can train every model with the same schedule (setup_scripts/benchmark_real_data.sh).
+def _with_epochs(base: type, epochs: int) -> type:
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        base.__init__(self, plans, configuration, fold, dataset_json, device)
+        self.num_epochs = epochs
+
+    name = f"{base.__name__}_{epochs}epochs"
+    return type(name, (base,), {"__init__": __init__, "__module__": __name__, "__qualname__": name})
+
+
+for _base in (nnUNetTrainerKDLogits, nnUNetTrainerKDLogitMatching, nnUNetTrainerKDClassAffinity,
+              nnUNetTrainerKDMultiScale):
+    for _epochs in (5, 10, 20, 50, 100, 250):
+        _variant = _with_epochs(_base, _epochs)
+        globals()[_variant.__name__] = _variant

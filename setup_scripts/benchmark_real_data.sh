@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Real-data benchmark: teacher, plain student and every KD trainer with one short schedule, then the report.
+#
+# Usage: bash setup_scripts/benchmark_real_data.sh SOURCE [EPOCHS] [DEVICE] [WORKDIR]
+#   SOURCE   an MSD task folder (e.g. ../shared/data/Task04_Hippocampus; converted with nnUNetv2_convert_MSD_dataset)
+#            or an nnU-Net raw dataset folder (DatasetXXX_Name with dataset.json)
+#   EPOCHS   5, 10, 20, 50, 100 or 250: nnU-Net's nnUNetTrainer_<N>epochs and our KD counterparts (default 10)
+#   DEVICE   cuda or cpu (default cuda)
+#   WORKDIR  nnU-Net folders and the report (default bench_<dataset>)
+# Re-running continues where it stopped: finished models are skipped, interrupted ones resume with --c.
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+source_dir=$(cd "${1:?give an MSD task folder or an nnU-Net raw dataset folder}" && pwd)
+epochs=${2:-10}
+device=${3:-cuda}
+case " 5 10 20 50 100 250 " in *" $epochs "*) ;; *) echo "EPOCHS must be one of 5 10 20 50 100 250" >&2; exit 2;; esac
+
+name=$(basename "$source_dir")
+if [[ $name =~ ^Task([0-9]+)_(.*)$ ]]; then
+  id=$((10#${BASH_REMATCH[1]})); dataset=$(printf "Dataset%03d_%s" "$id" "${BASH_REMATCH[2]}")
+elif [[ $name =~ ^Dataset([0-9]{3})_ ]]; then
+  id=$((10#${BASH_REMATCH[1]})); dataset=$name
+else
+  echo "cannot tell the dataset id from $name (expected TaskXX_Name or DatasetXXX_Name)" >&2; exit 2
+fi
+work=$(mkdir -p "${4:-bench_$dataset}" && cd "${4:-bench_$dataset}" && pwd)
+export nnUNet_raw=$work/raw nnUNet_preprocessed=$work/preprocessed nnUNet_results=$work/results
+export nnUNet_extTrainer=${nnUNet_extTrainer:-$repo/trainers}
+mkdir -p "$nnUNet_raw" "$work/logs"
+cfg=3d_fullres
+step() { echo "[$(date +%H:%M:%S)] $*"; }
+
+if [ ! -f "$nnUNet_raw/$dataset/dataset.json" ]; then
+  if [[ $name == Task* ]]; then
+    step "converting $name"; nnUNetv2_convert_MSD_dataset -i "$source_dir" -overwrite_id "$id"
+  else
+    step "linking $name"; ln -s "$source_dir" "$nnUNet_raw/$dataset"
+  fi
+fi
+if [ ! -f "$nnUNet_preprocessed/$dataset/nnUNetPlans.json" ]; then
+  step "planning and preprocessing"; nnUNetv2_plan_and_preprocess -d "$id" -c $cfg --verify_dataset_integrity
+fi
+nnunet_kd student-plans "$id" -c $cfg --width 0.25
+student=nnUNetPlans_KDStudent_w0.25
+teacher=nnUNetTrainer_${epochs}epochs
+
+train() {  # trainer plans [environment...]
+  local trainer=$1 plans=$2; shift 2
+  local fold_dir=$nnUNet_results/$dataset/${trainer}__${plans}__${cfg}/fold_0 resume=()
+  if [ -f "$fold_dir/checkpoint_final.pth" ]; then step "$trainer -p $plans: done, skipping"; return; fi
+  [ -f "$fold_dir/checkpoint_latest.pth" ] && resume=(--c)
+  step "$trainer -p $plans ${resume[*]}"
+  env "$@" nnUNetv2_train "$id" $cfg 0 -tr "$trainer" -p "$plans" -device "$device" "${resume[@]}" \
+    > "$work/logs/${trainer}__${plans}.log" 2>&1 || { tail -20 "$work/logs/${trainer}__${plans}.log"; exit 1; }
+  grep -h "Mean Validation Dice" "$work/logs/${trainer}__${plans}.log" || true
+}
+
+train "$teacher" nnUNetPlans
+train "$teacher" "$student"
+for kd in KDLogits KDLogitMatching KDClassAffinity KDMultiScale; do
+  train "nnUNetTrainer${kd}_${epochs}epochs" "$student" nnUNet_KD_teacher="${teacher}__nnUNetPlans__${cfg}"
+done
+step "report"
+nnunet_kd report "$id" --device cpu --time-cases 3 -o "$work/report_$dataset.md"
