@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # Real-data benchmark: teacher, plain student and every KD trainer with one short schedule, then the report.
 #
-# Usage: bash setup_scripts/benchmark_real_data.sh SOURCE [EPOCHS] [DEVICE] [WORKDIR]
+# Usage: bash setup_scripts/benchmark_real_data.sh SOURCE [SCHEDULE] [DEVICE] [WORKDIR]
 #   SOURCE   an MSD task folder (e.g. ../shared/data/Task04_Hippocampus; converted with nnUNetv2_convert_MSD_dataset)
 #            or an nnU-Net raw dataset folder (DatasetXXX_Name with dataset.json)
-#   EPOCHS   5, 10, 20, 50, 100 or 250: nnU-Net's nnUNetTrainer_<N>epochs and our KD counterparts (default 10)
+#   SCHEDULE 5epochs, 10epochs, 20epochs, 50epochs, 100epochs, 250epochs (nnU-Net's nnUNetTrainer_<N>epochs and
+#            our KD counterparts), or demo / debug (short CPU schedules); see trainers/nnUNetTrainer_schedules.py
+#            (default 10epochs)
 #   DEVICE   cuda or cpu (default cuda)
 #   WORKDIR  nnU-Net folders and the report (default bench_<dataset>)
 # Re-running continues where it stopped: finished models are skipped, interrupted ones resume with --c.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source_dir=$(cd "${1:?give an MSD task folder or an nnU-Net raw dataset folder}" && pwd)
-epochs=${2:-10}
+schedule=${2:-10epochs}
 device=${3:-cuda}
-case " 5 10 20 50 100 250 " in *" $epochs "*) ;; *) echo "EPOCHS must be one of 5 10 20 50 100 250" >&2; exit 2;; esac
+case " 5epochs 10epochs 20epochs 50epochs 100epochs 250epochs demo debug " in
+  *" $schedule "*) ;;
+  *) echo "SCHEDULE must be one of 5epochs 10epochs 20epochs 50epochs 100epochs 250epochs demo debug" >&2; exit 2;;
+esac
 
 name=$(basename "$source_dir")
 if [[ $name =~ ^Task([0-9]+)_(.*)$ ]]; then
@@ -42,7 +47,7 @@ if [ ! -f "$nnUNet_preprocessed/$dataset/nnUNetPlans.json" ]; then
 fi
 nnunet_kd student-plans "$id" -c $cfg --width 0.25
 student=nnUNetPlans_KDStudent_w0.25
-teacher=nnUNetTrainer_${epochs}epochs
+teacher=nnUNetTrainer_${schedule}
 
 train() {  # trainer plans [environment...]
   local trainer=$1 plans=$2; shift 2
@@ -58,7 +63,7 @@ train() {  # trainer plans [environment...]
 train "$teacher" nnUNetPlans
 train "$teacher" "$student"
 for kd in KDLogits KDLogitMatching KDClassAffinity KDMultiScale; do
-  train "nnUNetTrainer${kd}_${epochs}epochs" "$student" nnUNet_KD_teacher="${teacher}__nnUNetPlans__${cfg}"
+  train "nnUNetTrainer${kd}_${schedule}" "$student" nnUNet_KD_teacher="${teacher}__nnUNetPlans__${cfg}"
 done
 step "report"
 nnunet_kd report "$id" --device cpu --time-cases 3 -o "$work/report_$dataset.md"
