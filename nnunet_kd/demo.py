@@ -133,7 +133,7 @@ def run_demo(workdir: Path, device: str = "cpu", fresh: bool = False) -> list[di
     student_plans = f"nnUNetPlans_KDStudent_w{STUDENT_WIDTH:g}"
 
     models = [DemoModel("teacher", "nnUNetTrainer_demo", "nnUNetPlans"),
-              DemoModel("student (no KD)", "nnUNetTrainer_demo", student_plans),
+              DemoModel("student (no KD)", "nnUNetTrainerStudent_demo", student_plans),
               DemoModel("student + KD (KDLogits)", "nnUNetTrainerKDLogits_demo", student_plans)]
     results = workdir / "results" / DATASET
     teacher_env = {**env, "nnUNet_KD_teacher": models[0].folder_name}

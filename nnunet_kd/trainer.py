@@ -18,6 +18,7 @@ from torch import autocast, nn
 from torch import distributed as dist
 
 from nnunet_kd import __version__
+from nnunet_kd.cpu_inference import build_network_with_onednn
 from nnunet_kd.errors import KDConfigurationError
 from nnunet_kd.losses import DeepSupervisionKD, kd_scale_weights
 from nnunet_kd.progress import KDLocalLogger
@@ -72,6 +73,9 @@ class nnUNetTrainerKD(nnUNetTrainer):
     @property
     def seg_loss_weight(self) -> float:
         return 1.0
+
+    # nnU-Net's network from the plans, with convolutions that stay fast on the CPU for small students
+    build_network_architecture = staticmethod(build_network_with_onednn)
 
     # ---- start-up: everything that can be wrong is checked before nnU-Net writes a file or runs a step ----
     def on_train_start(self):

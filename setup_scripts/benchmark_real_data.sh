@@ -61,7 +61,7 @@ train() {  # trainer plans [environment...]
 }
 
 train "$teacher" nnUNetPlans
-train "$teacher" "$student"
+train "nnUNetTrainerStudent_${schedule}" "$student"
 for kd in KDLogits KDLogitMatching KDClassAffinity KDMultiScale; do
   train "nnUNetTrainer${kd}_${schedule}" "$student" nnUNet_KD_teacher="${teacher}__nnUNetPlans__${cfg}"
 done

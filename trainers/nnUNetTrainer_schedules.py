@@ -6,13 +6,15 @@ Named `<trainer>_<schedule>`, e.g. `nnUNetTrainerKDLogits_debug`, `nnUNetTrainer
   calls (epoch start/end, validation, checkpointing, final validation) in seconds on a CPU. The tests use it.
 - `demo`: 6 epochs of 20 iterations, the schedule of `nnunet_kd demo` on a 2-core CPU.
 - `<N>epochs` for N in 5, 10, 20, 50, 100, 250: nnU-Net's default epoch of 250 iterations. nnU-Net ships these
-  for nnUNetTrainer; here they exist for the KD trainers too, so a benchmark trains every model alike.
+  for nnUNetTrainer; here they exist for nnUNetTrainerStudent and the KD trainers too, so a benchmark trains every
+  model alike.
 """
 import torch
 from nnUNetTrainerKDClassAffinity import nnUNetTrainerKDClassAffinity
 from nnUNetTrainerKDLogitMatching import nnUNetTrainerKDLogitMatching
 from nnUNetTrainerKDLogits import nnUNetTrainerKDLogits
 from nnUNetTrainerKDMultiScale import nnUNetTrainerKDMultiScale
+from nnUNetTrainerStudent import nnUNetTrainerStudent
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 # schedule name -> attributes set after nnUNetTrainer.__init__
@@ -40,7 +42,7 @@ def with_schedule(base: type, schedule: str) -> type:
                                 "__doc__": f"{base.__name__} with the '{schedule}' schedule: {attributes}"})
 
 
-for _base in (nnUNetTrainer, *KD_TRAINERS):
+for _base in (nnUNetTrainer, nnUNetTrainerStudent, *KD_TRAINERS):
     for _schedule in SCHEDULES:
         if _base is nnUNetTrainer and _schedule.endswith("epochs"):
             continue  # nnU-Net has its own nnUNetTrainer_<N>epochs
