@@ -5,6 +5,8 @@ together mean something on a shared machine. CUDA timings synchronise and use nn
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -190,11 +192,14 @@ def flops_per_patch(network: torch.nn.Module, num_input_channels: int, patch_siz
     return int(counter.get_total_flops())
 
 
-def _load_predictor(model_folder: str, folds, device: torch.device, checkpoint: str = "checkpoint_final.pth"):
+def load_predictor(model_folder: str, folds, device: torch.device, checkpoint: str = "checkpoint_final.pth"):
+    """Stock nnUNetPredictor for a trained model folder, without its trainer-search chatter on stdout."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    predictor = nnUNetPredictor(device=device, perform_everything_on_device=device.type == "cuda", allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint)
+    with contextlib.redirect_stdout(io.StringIO()):
+        predictor = nnUNetPredictor(device=device, perform_everything_on_device=device.type == "cuda",
+                                    allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint)
     predictor.network.to(device).eval()
     return predictor
 
@@ -204,7 +209,7 @@ def bench_infer(model_folders: Sequence[str], images: Sequence[Sequence[str]], d
     """Stock nnUNetPredictor on the same cases for every model, interleaved per case; network time only
     (sliding window + mirroring at nnU-Net's defaults), preprocessing done once beforehand."""
     torch_device = torch.device(device)
-    predictors = [_load_predictor(folder, tuple(folds), torch_device) for folder in model_folders]
+    predictors = [load_predictor(folder, tuple(folds), torch_device) for folder in model_folders]
     first = predictors[0]
     preprocessor = first.configuration_manager.preprocessor_class(verbose=False)
     cases = []
@@ -298,7 +303,7 @@ def report(results_dataset_folder: Path, device: str = "cpu", time_cases: int = 
         raise KDConfigurationError(f"No trained model with a validation summary.json in {results_dataset_folder}.")
     torch_device = torch.device(device)
     for row in rows:
-        predictor = _load_predictor(str(row["model"]), (row["fold"] if row["fold"] == "all" else int(row["fold"]),),
+        predictor = load_predictor(str(row["model"]), (row["fold"] if row["fold"] == "all" else int(row["fold"]),),
                                     torch_device)
         patch = predictor.configuration_manager.patch_size
         cases = _validation_cases(row, predictor, time_cases)

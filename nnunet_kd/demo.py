@@ -80,11 +80,10 @@ def _inference_seconds_per_case(model_folder: Path, images: list[list[str]], dev
     """Median network time per case (sliding window + mirroring, nnU-Net's defaults), preprocessing excluded."""
     import numpy as np
     import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    predictor = nnUNetPredictor(device=torch.device(device), perform_everything_on_device=device == "cuda",
-                                allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(str(model_folder), (0,), "checkpoint_final.pth")
+    from nnunet_kd.bench import load_predictor
+
+    predictor = load_predictor(str(model_folder), (0,), torch.device(device))
     preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
     times = []
     for files in images:
