@@ -60,7 +60,7 @@ def generate_dataset_command(args: argparse.Namespace) -> None:
     print(f"wrote {write_dataset(raw, args.dataset_id, spec=spec)}")
 
 
-DEFAULT_STEP_TRAINERS = ["nnUNetTrainer", "nnUNetTrainerKDLogits", "nnUNetTrainerKDLogitMatching",
+DEFAULT_STEP_TRAINERS = ["nnUNetTrainerStudent", "nnUNetTrainerKDLogits", "nnUNetTrainerKDLogitMatching",
                          "nnUNetTrainerKDClassAffinity", "nnUNetTrainerKDMultiScale"]
 
 

@@ -96,7 +96,7 @@ def test_interrupted_training_resumes_exactly_with_c(workspace, teacher_3d):
 
     def second_epoch_started():
         logs = list(fold.glob("training_log_*.txt"))
-        return bool(logs) and re.search(r": Epoch 1$", logs[0].read_text(), re.M) is not None
+        return bool(logs) and re.search(r": Epoch 1\s*$", logs[0].read_text(), re.M) is not None
 
     try:
         _wait_for(second_epoch_started, process)
@@ -122,7 +122,7 @@ def test_interrupted_training_resumes_exactly_with_c(workspace, teacher_3d):
     assert recorded["settings"]["alpha"] == 0.1
     (resumed_log,) = set(fold.glob("training_log_*.txt")) - logs_before
     text = resumed_log.read_text()
-    assert re.search(r": Epoch 1$", text, re.M) and not re.search(r": Epoch 0$", text, re.M)
+    assert re.search(r": Epoch 1\s*$", text, re.M) and not re.search(r": Epoch 0\s*$", text, re.M)
 
 
 def test_fold_ensemble_teacher(workspace, teacher_3d):
