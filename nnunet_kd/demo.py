@@ -65,6 +65,8 @@ def _environment(workdir: Path) -> dict:
     env = dict(os.environ)
     env.update(workspace_environment(workdir))
     env.update({
+        # nnU-Net's commands live next to this Python, also when its environment is not activated
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
         "nnUNet_n_proc_DA": env.get("nnUNet_n_proc_DA", str(max(1, min(4, (os.cpu_count() or 2) - 1)))),
         "nnUNet_def_n_proc": env.get("nnUNet_def_n_proc", str(min(4, os.cpu_count() or 2))),
         "PYTHONUNBUFFERED": "1",

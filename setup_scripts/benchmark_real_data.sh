@@ -12,6 +12,8 @@
 # Re-running continues where it stopped: finished models are skipped, interrupted ones resume with --c.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# the environment setup_scripts/install.sh made, unless another one is active
+[ -z "${VIRTUAL_ENV:-}" ] && [ -x "$repo/.venv/bin/nnunet_kd" ] && export PATH="$repo/.venv/bin:$PATH"
 source_dir=$(cd "${1:?give an MSD task folder or an nnU-Net raw dataset folder}" && pwd)
 schedule=${2:-10epochs}
 device=${3:-cuda}

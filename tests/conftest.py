@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,8 @@ def _clean_environment(root: Path) -> dict:
         "nnUNet_def_n_proc": "2",
         "nnUNet_compile": "false",
         "PYTHONUNBUFFERED": "1",
+        # nnU-Net's and our commands live next to this Python, also when its environment is not activated
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
     })
     return env
 
