@@ -155,3 +155,15 @@ def test_settings_file_is_overwritten(tmp_path) -> None:
 def test_read_settings_file_returns_none_when_missing(tmp_path) -> None:
     assert read_settings_file(tmp_path) is None
     assert read_settings_file(tmp_path / "not_a_folder") is None
+
+
+def test_seed_from_environment_makes_initialisation_repeatable():
+    import torch
+
+    from nnunet_kd.seeding import seed_from_environment
+
+    assert seed_from_environment({}) is None
+    assert seed_from_environment({"nnUNet_KD_seed": "7"}) == 7
+    first = torch.randn(3)
+    seed_from_environment({"nnUNet_KD_seed": "7"})
+    assert torch.equal(first, torch.randn(3))

@@ -1,12 +1,20 @@
 """A compact student trained without distillation: the stock nnUNetTrainer, with the KD trainers' CPU-fast network.
 
 It is the fair baseline for a KD student: same plans, same schedule, same network build (convolutions routed to
-oneDNN for CPU inference, see nnunet_kd/cpu_inference.py), only the KD term missing.
+oneDNN for CPU inference, see nnunet_kd/cpu_inference.py), the same `nnUNet_KD_seed`, only the KD term missing.
 """
+import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_kd.cpu_inference import build_network_with_onednn
+from nnunet_kd.seeding import seed_from_environment
 
 
 class nnUNetTrainerStudent(nnUNetTrainer):
     build_network_architecture = staticmethod(build_network_with_onednn)
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        # like the KD trainers: nnUNet_KD_seed makes a KD/no-KD pair start from the same weights
+        self.seed = seed_from_environment()
