@@ -18,7 +18,7 @@ def _use_onednn(x: torch.Tensor, conv: nn.Module) -> bool:
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 
-class OneDNNConv2d(nn.Conv2d):
+class _OneDNNForward:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _use_onednn(x, self):
             return torch.ops.aten.mkldnn_convolution(x.contiguous(), self.weight.contiguous(), self.bias,
@@ -26,12 +26,12 @@ class OneDNNConv2d(nn.Conv2d):
         return super().forward(x)
 
 
-class OneDNNConv3d(nn.Conv3d):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _use_onednn(x, self):
-            return torch.ops.aten.mkldnn_convolution(x.contiguous(), self.weight.contiguous(), self.bias,
-                                                     self.padding, self.stride, self.dilation, self.groups)
-        return super().forward(x)
+class OneDNNConv2d(_OneDNNForward, nn.Conv2d):
+    pass
+
+
+class OneDNNConv3d(_OneDNNForward, nn.Conv3d):
+    pass
 
 
 def use_onednn_convolutions(network: nn.Module) -> nn.Module:
