@@ -137,14 +137,16 @@ def run_demo(workdir: Path, device: str = "cpu", fresh: bool = False) -> list[di
               DemoModel("student (no KD)", "nnUNetTrainerStudent_demo", student_plans),
               DemoModel("student + KD (KDLogits)", "nnUNetTrainerKDLogits_demo", student_plans)]
     results = workdir / "results" / DATASET
-    teacher_env = {**env, "nnUNet_KD_teacher": models[0].folder_name}
+    # the same seed for both students: they start from identical weights, so the table compares KD, not luck
+    train_env = {**env, "nnUNet_KD_teacher": models[0].folder_name,
+                 "nnUNet_KD_seed": env.get("nnUNet_KD_seed", "0")}
     for model in models:
         if (results / model.folder_name / "fold_0" / "checkpoint_final.pth").is_file():
             _log(f"{model.title}: already trained, skipping")
             continue
         _log(f"training {model.title}: {model.trainer} -p {model.plans}")
         _run(["nnUNetv2_train", str(DATASET_ID), CONFIGURATION, "0", "-tr", model.trainer, "-p", model.plans,
-              "-device", device], teacher_env, workdir / "logs" / f"train_{model.folder_name}.log")
+              "-device", device], train_env, workdir / "logs" / f"train_{model.folder_name}.log")
 
     images = raw / "imagesTs"
     test_cases = [[str(p)] for p in sorted(images.glob("*_0000.nii.gz"))]
