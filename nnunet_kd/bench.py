@@ -11,6 +11,8 @@ import json
 import math
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -145,47 +147,64 @@ def format_step(result: dict) -> str:
     return "\n".join(lines)
 
 
-class _PeakMemory:
-    """Peak extra memory while a block runs: CUDA allocator statistics, or sampled resident memory on the CPU."""
+def _cuda_peak_mib(fn: Callable[[], object], device: torch.device) -> float:
+    torch.cuda.reset_peak_memory_stats(device)
+    start = torch.cuda.memory_allocated(device)
+    fn()
+    return (torch.cuda.max_memory_allocated(device) - start) / 2 ** 20
 
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.peak_mib = device, 0.0
 
-    @staticmethod
-    def _rss_mib() -> float:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
-    def __enter__(self) -> _PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device) / 2 ** 20
-        else:
-            self._start, self._running = self._rss_mib(), True
-            self._high = self._start
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
 
-    def _sample(self) -> None:
-        while self._running:
-            self._high = max(self._high, self._rss_mib())
-            time.sleep(0.002)
+def sampled_peak_rss_mib(fn: Callable[[], object]) -> float:
+    """Peak resident memory above the current level while `fn` runs, sampled every millisecond."""
+    start, peak, running = _rss_mib(), [0.0], [True]
 
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2 ** 20 - self._start
-        else:
-            self._running = False
-            self._thread.join()
-            self.peak_mib = max(self._high, self._rss_mib()) - self._start
+    def sample() -> None:
+        while running[0]:
+            peak[0] = max(peak[0], _rss_mib())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        running[0] = False
+        thread.join()
+    return max(peak[0], _rss_mib()) - start
+
+
+def cpu_peak_mib(model_folder: str, folds: Sequence[int | str], case: torch.Tensor) -> float:
+    """Peak resident memory a case's prediction adds on the CPU, measured in a fresh process (in a shared one, memory
+    freed by the previous model hides the next one's peak)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(case, os.path.join(tmp, "case.pt"))
+        script = ("import torch; from nnunet_kd.bench import load_predictor, sampled_peak_rss_mib;"
+                  f"p = load_predictor({model_folder!r}, {tuple(folds)!r}, torch.device('cpu'));"
+                  f"c = torch.load({os.path.join(tmp, 'case.pt')!r});"
+                  "p.predict_logits_from_preprocessed_data(c);"  # warm-up: one-off allocations are not the peak
+                  "print(sampled_peak_rss_mib(lambda: p.predict_logits_from_preprocessed_data(c)))")
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+        return float(out.stdout.strip().splitlines()[-1])
+
+
+def _onednn_convolution_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import conv_flop_count
+
+    return conv_flop_count(list(x_shape), list(w_shape), list(out_shape), transposed=False)
 
 
 def flops_per_patch(network: torch.nn.Module, num_input_channels: int, patch_size: Sequence[int]) -> int:
-    """FLOPs of one forward pass on one patch, counted by torch's own FlopCounterMode."""
+    """FLOPs of one forward pass on one patch, counted by torch's own FlopCounterMode (taught the oneDNN
+    convolution that nnunet_kd's students use for CPU inference, which it does not know)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False,
+                              custom_mapping={torch.ops.aten.mkldnn_convolution: _onednn_convolution_flops})
     x = torch.zeros(1, num_input_channels, *patch_size, device=next(network.parameters()).device)
     with counter, torch.no_grad():
         network(x)
@@ -230,12 +249,15 @@ def bench_infer(model_folders: Sequence[str], images: Sequence[Sequence[str]], d
             predictor.predict_logits_from_preprocessed_data(cases[0])
     for case in cases:
         for row, predictor in zip(rows, predictors):
-            with _PeakMemory(torch_device) as memory:
-                row["times"].append(_timed(lambda p=predictor, c=case: p.predict_logits_from_preprocessed_data(c),
-                                           torch_device))
-            row["peak_memory_mib"] = max(row["peak_memory_mib"], memory.peak_mib)
-    for row in rows:
+            row["times"].append(_timed(lambda p=predictor, c=case: p.predict_logits_from_preprocessed_data(c),
+                                       torch_device))
+    for row, predictor in zip(rows, predictors):
         row["seconds_per_case"] = statistics.median(row.pop("times"))
+        if torch_device.type == "cuda":
+            row["peak_memory_mib"] = _cuda_peak_mib(lambda p=predictor: p.predict_logits_from_preprocessed_data(
+                cases[0]), torch_device)
+        else:
+            row["peak_memory_mib"] = cpu_peak_mib(row["model"], folds, cases[0])
     for row in rows:
         row["speed_ratio"] = rows[0]["seconds_per_case"] / row["seconds_per_case"]
     return {"device": device, "cases": len(cases), "models": rows}
