@@ -275,8 +275,10 @@ def format_infer(result: dict) -> str:
 
 
 # ---- report ----
-def _summary_dice(summary: dict) -> tuple[dict[str, float], float, float | None]:
-    per_class = {k: v["Dice"] for k, v in summary["mean"].items()}
+def _summary_dice(summary: dict, labels: dict) -> tuple[dict[str, float], float, float | None]:
+    # summary.json keys are label values ('1') or regions ('(1, 2)'); the table shows dataset.json's names
+    names = {str(tuple(v) if isinstance(v, list) else v): name for name, v in labels.items()}
+    per_class = {names.get(k, k): v["Dice"] for k, v in summary["mean"].items()}
     hd95 = [v["HD95"] for v in summary["mean"].values() if "HD95" in v]
     return per_class, summary["foreground_mean"]["Dice"], (float(np.mean(hd95)) if hd95 else None)
 
@@ -290,7 +292,8 @@ def collect_models(results_dataset_folder: Path) -> list[dict]:
             summary, checkpoint = fold / "validation" / "summary.json", fold / "checkpoint_final.pth"
             if not (summary.is_file() and checkpoint.is_file()):
                 continue
-            per_class, mean, hd95 = _summary_dice(json.loads(summary.read_text()))
+            labels = json.loads((model / "dataset.json").read_text())["labels"]
+            per_class, mean, hd95 = _summary_dice(json.loads(summary.read_text()), labels)
             settings = fold / SETTINGS_FILE
             rows.append({"model": model, "trainer": trainer, "plans": plans, "configuration": configuration,
                          "fold": fold.name.removeprefix("fold_"), "dice": per_class, "mean_dice": mean,
@@ -298,6 +301,13 @@ def collect_models(results_dataset_folder: Path) -> list[dict]:
                          "parameters": count_weights(load_checkpoint(checkpoint)["network_weights"]),
                          "kd": json.loads(settings.read_text()) if settings.is_file() else None})
     return rows
+
+
+def _format_gap(row: dict) -> str:
+    if row["kd"] is None:
+        return ""
+    gap = row["gap_closed"]
+    return f"{gap:.0%}" if gap is not None and math.isfinite(gap) else "n/a"
 
 
 def _gap_closed(row: dict, rows: list[dict]) -> float | None:
@@ -341,12 +351,11 @@ def report(results_dataset_folder: Path, device: str = "cpu", time_cases: int = 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["trainer"], row["plans"], row["configuration"], row["fold"], f"{row['parameters']:,}",
-                 f"{row['flops'] / 1e9:.2f}" if row["flops"] else "n/a",
+                 f"{row['flops'] / 1e9:.2f}" if row["flops"] is not None else "n/a",
                  *[f"{row['dice'][c]:.4f}" for c in classes], f"{row['mean_dice']:.4f}",
                  f"{row['hd95']:.2f}" if row["hd95"] is not None else "n/a",
                  f"{row['seconds_per_case']:.2f}" if row["seconds_per_case"] is not None else "n/a",
-                 f"{row['gap_closed']:.0%}" if row["gap_closed"] is not None and math.isfinite(row["gap_closed"])
-                 else ""]
+                 _format_gap(row)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

