@@ -339,7 +339,7 @@ def report(results_dataset_folder: Path, device: str = "cpu", time_cases: int = 
                                     torch_device)
         patch = predictor.configuration_manager.patch_size
         cases = _validation_cases(row, predictor, time_cases)
-        row["flops"] = flops_per_patch(predictor.network, cases[0].shape[0], patch) if cases else None
+        row["flops"] = flops_per_patch(predictor.network, len(predictor.dataset_json["channel_names"]), patch)
         row["seconds_per_case"] = statistics.median(
             _timed(lambda p=predictor, c=c: p.predict_logits_from_preprocessed_data(c), torch_device) for c in cases) \
             if cases else None
