@@ -1,4 +1,4 @@
-"""`nnunet_kd` command line: student plans, the generated dataset, and the end-to-end demo."""
+"""`nnunet_kd` command line: student plans, the generated datasets, channel subsets, and the end-to-end demo."""
 from __future__ import annotations
 
 import argparse
@@ -50,14 +50,38 @@ def student_plans_command(args: argparse.Namespace) -> None:
           f"-tr nnUNetTrainerKDLogits -p {student['plans_name']}")
 
 
-def generate_dataset_command(args: argparse.Namespace) -> None:
-    from nnunet_kd.synthetic import SyntheticSpec, write_dataset
-
-    raw = args.raw or os.environ.get("nnUNet_raw")
+def _raw_folder(raw: str | None) -> str:
+    raw = raw or os.environ.get("nnUNet_raw")
     if not raw:
         raise KDConfigurationError("Give --raw or export nnUNet_raw.")
-    spec = SyntheticSpec(num_training=args.num_training, num_test=args.num_test, seed=args.seed)
-    print(f"wrote {write_dataset(raw, args.dataset_id, spec=spec)}")
+    return raw
+
+
+def generate_dataset_command(args: argparse.Namespace) -> None:
+    from nnunet_kd.synthetic import SyntheticSpec, write_dataset
+    from nnunet_kd.synthetic_multimodal import write_multimodal_dataset
+
+    raw = _raw_folder(args.raw)
+    spec = SyntheticSpec(num_training=args.num_training, num_test=args.num_test, seed=args.seed,
+                         **({"shape": tuple(args.shape)} if args.shape else {}))
+    if args.multimodal:
+        print(f"wrote {write_multimodal_dataset(raw, args.dataset_id or 910, spec=spec)}")
+    else:
+        print(f"wrote {write_dataset(raw, args.dataset_id or 900, spec=spec)}")
+
+
+def subset_channels_command(args: argparse.Namespace) -> None:
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    from nnunet_kd.modalities import subset_raw_dataset
+
+    raw = Path(_raw_folder(args.raw))
+    try:
+        source = maybe_convert_to_dataset_name(args.dataset)
+    except RuntimeError as e:
+        raise KDConfigurationError(f"Dataset {args.dataset} not found in {raw}.") from e
+    name = args.name or f"{source.split('_', 1)[1]}_{''.join(c.strip() for c in args.channels.split(','))}"
+    print(f"wrote {subset_raw_dataset(raw / source, raw / f'Dataset{args.dataset_id:03d}_{name}', args.channels)}")
 
 
 DEFAULT_STEP_TRAINERS = ["nnUNetTrainerStudent", "nnUNetTrainerKDLogits", "nnUNetTrainerKDLogitMatching",
@@ -159,11 +183,26 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("generate-dataset", help="write the generated demo dataset in nnU-Net raw format")
     p.add_argument("--raw", default=None, help="raw data folder (default: $nnUNet_raw)")
-    p.add_argument("--dataset-id", type=int, default=900)
+    p.add_argument("--dataset-id", type=int, default=None, help="default: 900, or 910 with --multimodal")
     p.add_argument("--num-training", type=int, default=24)
     p.add_argument("--num-test", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                   help="volume shape in voxels (default: 40 56 56)")
+    p.add_argument("--multimodal", action="store_true",
+                   help="4 channels T1, T2, FLAIR, T1CE (for nnUNetTrainerKDBarlowTwins: a student on FLAIR,T1CE "
+                        "lacks T2, which shows the lesions)")
     p.set_defaults(func=generate_dataset_command)
+
+    p = sub.add_parser("subset-channels", help="copy a raw dataset keeping only the named channels, renumbered "
+                                               "(a baseline on fewer modalities; inputs for a fewer-modality student)")
+    p.add_argument("dataset", help="source dataset name or id in $nnUNet_raw")
+    p.add_argument("--channels", required=True, help="channel names as in dataset.json, in the new order, e.g. "
+                                                     "FLAIR,T1CE")
+    p.add_argument("--dataset-id", type=int, required=True, help="id of the new dataset")
+    p.add_argument("--name", default=None, help="name of the new dataset (default: <source name>_<channels>)")
+    p.add_argument("--raw", default=None, help="raw data folder (default: $nnUNet_raw)")
+    p.set_defaults(func=subset_channels_command)
 
     p = sub.add_parser("demo", help="teacher, student and KD student end to end on the generated dataset")
     p.add_argument("--workdir", default="nnunet_kd_demo", help="folder for raw, preprocessed and results data")

@@ -121,3 +121,42 @@ def write_settings_file(folder: str | Path, record: dict) -> Path:
 def read_settings_file(folder: str | Path) -> dict | None:
     path = Path(folder) / SETTINGS_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class BarlowTwinsSettings(BaseKDSettings):
+    """Single-stage Barlow Twins KD for a student that sees fewer modalities (Choi et al. 2023).
+
+    student_channels: the student's input channels, by name as in dataset.json `channel_names`, comma-separated, in
+    the order the student's input files are numbered (`FLAIR,T1CE`: FLAIR is _0000, T1CE _0001). Required.
+    `L = L_seg(student) + L_seg(teacher) + barlow_weight · L_BT(student bottleneck, teacher bottleneck)`.
+    barlow_lambda: weight of the off-diagonal (redundancy) term inside L_BT. projector_dim: width of a shared 1x1x1
+    projector applied to both bottlenecks before L_BT (0: none). teacher_receives_kd: whether L_BT also updates the
+    teacher (true) or only the student (the teacher's features are detached).
+    """
+
+    student_channels: str = ""
+    barlow_weight: float = 1.0
+    barlow_lambda: float = 0.005
+    projector_dim: int = 0
+    teacher_receives_kd: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("barlow_weight", "barlow_lambda"):
+            value = getattr(self, name)
+            _require(_is_finite_at_least(value, 0), f"KD {name} must be finite and >= 0, got {value}")
+        _require(self.projector_dim >= 0, f"KD projector_dim must be >= 0 (0: no projector), got {self.projector_dim}")
+
+    def with_environment(self, environ: Mapping[str, str] = os.environ) -> BarlowTwinsSettings:
+        # bool("false") is True, so booleans are parsed here rather than by the base class
+        flags, others = {}, dict(environ)
+        for f in fields(self):
+            if isinstance(getattr(self, f.name), bool) and environ.get(ENV_PREFIX + f.name):
+                raw = others.pop(ENV_PREFIX + f.name)
+                value = raw.strip().lower()
+                _require(value in _TRUE + _FALSE, f"{ENV_PREFIX}{f.name}={raw!r} is not true or false")
+                flags[f.name] = value in _TRUE
+        return replace(super().with_environment(others), **flags)

@@ -1,0 +1,72 @@
+"""Barlow Twins between two networks' feature maps (Zbontar et al. 2021), as used by Choi et al. (2023) for KD.
+
+`L = Σ_i (1 - C_ii)² + λ Σ_{i≠j} C_ij²`, where `C = ẑ_aᵀ ẑ_b / N` is the cross-correlation of the two feature sets,
+each feature standardised over the N samples. nnU-Net trains with batches of 2 or fewer, so a batch is too small a
+sample: here every voxel of the (B, C, *spatial) feature maps is a sample (N = B · D · H · W), and the loss is divided
+by C so that its scale does not grow with the bottleneck width (ours; the paper's sum is C times this).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def voxels_as_samples(features: torch.Tensor) -> torch.Tensor:
+    """(B, C, *spatial) -> (B · prod(spatial), C)."""
+    if features.ndim < 3:
+        raise ValueError(f"Expected feature maps of shape (B, C, *spatial), got {tuple(features.shape)}")
+    return features.movedim(1, -1).reshape(-1, features.shape[1])
+
+
+def standardise(samples: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    # like the reference code's BatchNorm1d(affine=False): biased variance, eps inside the root, so a constant
+    # feature (a dead channel) gives zeros instead of NaN
+    return (samples - samples.mean(0)) / torch.sqrt(samples.var(0, unbiased=False) + eps)
+
+
+def cross_correlation(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """C x C cross-correlation of two (N, C) sample sets, each feature standardised over the N samples."""
+    if a.shape != b.shape:
+        raise ValueError(f"Barlow Twins needs features of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[0] < 2:
+        raise ValueError("Barlow Twins needs at least 2 samples (voxels) to standardise features")
+    return standardise(a, eps).T @ standardise(b, eps) / a.shape[0]
+
+
+def barlow_twins_loss(a: torch.Tensor, b: torch.Tensor, lambd: float = 0.005, eps: float = 1e-5) -> torch.Tensor:
+    """`(Σ_i (1 - C_ii)² + λ Σ_{i≠j} C_ij²) / C` for (N, C) samples a and b, in their own dtype."""
+    c = cross_correlation(a, b, eps)
+    diagonal = torch.diagonal(c)
+    on_diagonal = (1 - diagonal).pow(2).sum()
+    off_diagonal = c.pow(2).sum() - diagonal.pow(2).sum()
+    return (on_diagonal + lambd * off_diagonal) / c.shape[0]
+
+
+class BarlowTwinsLoss(nn.Module):
+    """Barlow Twins between two (B, C, *spatial) feature maps, computed in float32 (at least) under autocast.
+
+    projector_dim > 0 adds a 1x1(x1) convolutional projector, shared by both inputs (as in the siamese original):
+    conv(C -> P), LeakyReLU, conv(P -> P). It is trainable, so it belongs to the optimiser and the checkpoint.
+    """
+
+    def __init__(self, num_features: int, lambd: float = 0.005, projector_dim: int = 0, spatial_dims: int = 3,
+                 eps: float = 1e-5) -> None:
+        super().__init__()
+        if lambd < 0:
+            raise ValueError(f"lambda must be >= 0, got {lambd}")
+        if projector_dim < 0:
+            raise ValueError(f"projector_dim must be >= 0 (0: no projector), got {projector_dim}")
+        self.lambd, self.eps = float(lambd), float(eps)
+        self.projector: nn.Module | None = None
+        if projector_dim > 0:
+            conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+            self.projector = nn.Sequential(conv(num_features, projector_dim, 1), nn.LeakyReLU(inplace=True),
+                                           conv(projector_dim, projector_dim, 1))
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(a.device.type, enabled=False):
+            dtype = torch.promote_types(a.dtype, torch.float32)
+            a, b = a.to(dtype), b.to(dtype)
+            if self.projector is not None:
+                a, b = self.projector(a), self.projector(b)
+            return barlow_twins_loss(voxels_as_samples(a), voxels_as_samples(b), self.lambd, self.eps)

@@ -1,0 +1,180 @@
+"""A student that sees fewer input channels (modalities) than its teacher: choosing them, and describing its model.
+
+Channels are chosen by name, as dataset.json's `channel_names` spells them. The student's model folder describes only
+its own channels (dataset.json and the plans' per-channel normalisation), so stock `nnUNetv2_predict` takes just
+those files, numbered _0000, _0001, ... in the student's order.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from nnunet_kd.cpu_inference import build_network_with_onednn
+from nnunet_kd.errors import KDConfigurationError
+
+ENV_STUDENT_CHANNELS = "nnUNet_KD_student_channels"
+
+
+def channel_names(dataset_json: dict) -> list[str]:
+    """The dataset's channel names in channel order (`channel_names`, or the legacy `modality`)."""
+    names = dataset_json.get("channel_names", dataset_json.get("modality"))
+    if not names:
+        raise KDConfigurationError("dataset.json has no channel_names; it is not an nnU-Net v2 dataset.json.")
+    return [names[k] for k in sorted(names, key=int)]
+
+
+@dataclass(frozen=True)
+class ChannelSelection:
+    """The student's channels: `names` in the student's order, `indices` into the dataset's (teacher's) channels."""
+
+    names: tuple[str, ...]
+    indices: tuple[int, ...]
+    all_names: tuple[str, ...]
+
+    def to_json(self) -> dict:
+        return {"names": list(self.names), "indices": list(self.indices), "teacher_names": list(self.all_names)}
+
+
+def select_channels(dataset_json: dict, spec: str, setting: str = ENV_STUDENT_CHANNELS) -> ChannelSelection:
+    """Parse 'FLAIR,T1CE' against the dataset's channel names; a clear error for every way it can be wrong."""
+    available = channel_names(dataset_json)
+    listing = ", ".join(available)
+    if len(set(available)) != len(available):
+        raise KDConfigurationError(f"dataset.json channel_names has repeated names ({listing}), so channels cannot be "
+                                   f"chosen by name. Give each channel a distinct name in dataset.json.")
+    requested = [n.strip() for n in spec.split(",") if n.strip()]
+    if not requested:
+        raise KDConfigurationError(f"{setting} is empty: name the channels the student sees, comma-separated, from "
+                                   f"this dataset's {listing} (e.g. {setting}={','.join(available[-2:])}).")
+    unknown = [n for n in requested if n not in available]
+    if unknown:
+        hints = {n: a for n in unknown for a in available if a.lower() == n.lower()}
+        hint = f" Names are case-sensitive: did you mean {', '.join(hints.values())}?" if hints else ""
+        raise KDConfigurationError(f"{setting}={spec!r}: {', '.join(unknown)} not in dataset.json channel_names "
+                                   f"({listing}).{hint}")
+    repeated = sorted({n for n in requested if requested.count(n) > 1})
+    if repeated:
+        raise KDConfigurationError(f"{setting}={spec!r} names {', '.join(repeated)} more than once; name each "
+                                   f"channel once.")
+    if len(requested) == len(available):
+        raise KDConfigurationError(f"{setting}={spec!r} selects every channel ({listing}): the student would see "
+                                   f"what the teacher sees. Leave out the modalities the student must do without.")
+    return ChannelSelection(tuple(requested), tuple(available.index(n) for n in requested), tuple(available))
+
+
+def student_dataset_json(dataset_json: dict, selection: ChannelSelection) -> dict:
+    """dataset.json for the student's model folder: only its channels, renumbered from 0 in its order."""
+    student = copy.deepcopy(dataset_json)
+    student.pop("modality", None)
+    student["channel_names"] = {str(i): name for i, name in enumerate(selection.names)}
+    return student
+
+
+def student_plans(plans: dict, selection: ChannelSelection) -> dict:
+    """Plans whose per-channel entries (intensity properties, normalisation schemes, masks) are the student's."""
+    student = copy.deepcopy(plans)
+    properties = plans["foreground_intensity_properties_per_channel"]
+    student["foreground_intensity_properties_per_channel"] = {str(i): properties[str(c)]
+                                                              for i, c in enumerate(selection.indices)}
+    for name, configuration in student["configurations"].items():
+        for key in ("normalization_schemes", "use_mask_for_norm"):
+            if key not in configuration:
+                continue  # inherited from another configuration, which is subset itself
+            if len(configuration[key]) != len(selection.all_names):
+                raise KDConfigurationError(f"Plans configuration {name!r} has {len(configuration[key])} {key} for "
+                                           f"{len(selection.all_names)} channels; re-run nnUNetv2_plan_and_preprocess.")
+            configuration[key] = [configuration[key][c] for c in selection.indices]
+    return student
+
+
+def _channel_files(folder: Path, file_ending: str) -> dict[str, dict[int, Path]]:
+    pattern = re.compile(rf"^(.+)_(\d{{4}}){re.escape(file_ending)}$")
+    cases: dict[str, dict[int, Path]] = {}
+    for path in sorted(folder.iterdir()):
+        match = pattern.match(path.name)
+        if match:
+            cases.setdefault(match.group(1), {})[int(match.group(2))] = path
+    return cases
+
+
+def subset_raw_dataset(source: str | Path, destination: str | Path, spec: str) -> Path:
+    """Copy a raw nnU-Net dataset keeping only the named channels, renumbered _0000... in the order given.
+
+    It makes the "plain nnU-Net on the student's modalities" baseline, and input folders for a fewer-modality student.
+    """
+    source, destination = Path(source), Path(destination)
+    dataset_json = json.loads((source / "dataset.json").read_text())
+    selection = select_channels(dataset_json, spec, "--channels")
+    if destination.exists():
+        raise KDConfigurationError(f"{destination} exists; choose another dataset id or remove it first.")
+    file_ending = dataset_json["file_ending"]
+    plan = []
+    for images in ("imagesTr", "imagesTs"):
+        if not (source / images).is_dir():
+            continue
+        for case, files in _channel_files(source / images, file_ending).items():
+            missing = [selection.all_names[c] for c in selection.indices if c not in files]
+            if missing:
+                raise KDConfigurationError(f"{source / images}: case {case} has no {', '.join(missing)} file.")
+            plan += [(files[c], destination / images / f"{case}_{i:04d}{file_ending}")
+                     for i, c in enumerate(selection.indices)]
+    destination.mkdir(parents=True)
+    for src, dst in plan:
+        dst.parent.mkdir(exist_ok=True)
+        shutil.copy2(src, dst)
+    for labels in ("labelsTr", "labelsTs"):
+        if (source / labels).is_dir():
+            shutil.copytree(source / labels, destination / labels)
+    subset = student_dataset_json(dataset_json, selection)
+    subset["description"] = f"{source.name} with channels {', '.join(selection.names)} only"
+    (destination / "dataset.json").write_text(json.dumps(subset, indent=2))
+    return destination
+
+
+class InputChannelCheck:
+    """Forward pre-hook refusing inputs with another channel count than the network was built for."""
+
+    def __init__(self, num_input_channels: int) -> None:
+        self.num_input_channels = num_input_channels
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if args and args[0].ndim > 1 and args[0].shape[1] != self.num_input_channels:
+            raise ValueError(
+                f"This network takes {self.num_input_channels} input channels, got {args[0].shape[1]}. A student "
+                f"trained on fewer modalities takes only the channels its model folder's dataset.json lists "
+                f"(channel_names), numbered _0000... in that order; `nnunet_kd subset-channels` makes such a copy of "
+                f"a dataset.")
+
+
+def build_network_checking_channels(plans_manager, configuration_manager, num_input_channels: int,
+                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+    """build_network_with_onednn, whose forward names a wrong input channel count instead of a shape error."""
+    network = build_network_with_onednn(plans_manager, configuration_manager, num_input_channels,
+                                         num_output_channels, enable_deep_supervision)
+    network.register_forward_pre_hook(InputChannelCheck(num_input_channels))
+    return network
+
+
+class SelectChannels(nn.Module):
+    """Feeds the wrapped network only some input channels (nnU-Net's own final validation reads full-channel cases).
+
+    `decoder` is the wrapped network's, so nnU-Net can switch deep supervision through the wrapper.
+    """
+
+    def __init__(self, network: nn.Module, indices: tuple[int, ...]) -> None:
+        super().__init__()
+        self.network = network
+        self.indices = list(indices)
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.network.decoder
+
+    def forward(self, x):
+        return self.network(x[:, self.indices])
