@@ -95,6 +95,8 @@ def bench_step(dataset: str, configuration: str, plans: str, trainers: Sequence[
             trainer.initialize()
             if isinstance(trainer, nnUNetTrainerKD):
                 trainer._prepare_distillation()
+            if hasattr(trainer, "grow_to"):
+                trainer.grow_to(len(trainer.schedule) - 1)  # a growing assistant costs most at its widest: time that
             trainer.network.train()
             instances[name] = trainer
         teacher = next((t.teacher for t in instances.values() if isinstance(t, nnUNetTrainerKD)), None)

@@ -84,6 +84,26 @@ class SoftTargetSettings(KDSettings):
 
 
 @dataclass(frozen=True)
+class GrowingAssistantSettings(SoftTargetSettings):
+    """A teacher-assistant that grows inside one master network (nnUNetTrainerKDGrowingAssistant).
+
+    max_width: the assistant's final channels per layer as a multiple of the student's (the master network's width).
+    stages: how many widths the assistant takes, evenly spaced from just above the student's to max_width, each
+    starting after an equal share of the epochs. alpha and temperature apply to both KD terms (teacher -> assistant,
+    assistant -> student).
+    """
+
+    max_width: float = 4.0
+    stages: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(_is_finite_at_least(self.max_width, 1, strict=True),
+                 f"KD max_width must be a finite multiple of the student's width above 1, got {self.max_width}")
+        _require(self.stages >= 1, f"KD stages must be >= 1, got {self.stages}")
+
+
+@dataclass(frozen=True)
 class MultiScaleSettings(BaseKDSettings):
     """`L = seg_weight · L_seg + soft_weight · Σ_i w_i L_soft_i + affinity_weight · Σ_i w_i CAKD_i` (Zhao et al. 2023).
 

@@ -114,9 +114,9 @@ class nnUNetTrainerKD(nnUNetTrainer):
         num_outputs = len(self._get_deep_supervision_scales()) if self.enable_deep_supervision else 1
         activation = "sigmoid" if self.label_manager.has_regions else "softmax"
         self.kd_terms = self.build_kd_terms(activation, num_outputs)
-        if ("seg_loss", *self.kd_terms) != tuple(self.kd_loss_parts):
-            raise RuntimeError(f"{type(self).__name__}.kd_loss_parts {self.kd_loss_parts} must be 'seg_loss' followed "
-                               f"by the KD terms {list(self.kd_terms)}")
+        if ("seg_loss", *self.kd_terms) != tuple(self.kd_loss_parts[:1 + len(self.kd_terms)]):
+            raise RuntimeError(f"{type(self).__name__}.kd_loss_parts {self.kd_loss_parts} must start with 'seg_loss' "
+                               f"and the KD terms {list(self.kd_terms)}")
 
         padding = self.teacher.padding_for(self.configuration_manager.patch_size)
         student_parameters = sum(p.numel() for p in self.network.parameters())
@@ -137,6 +137,7 @@ class nnUNetTrainerKD(nnUNetTrainer):
             "student": {"plans": self.plans_manager.plans_name, "configuration": configuration,
                         "patch_size": list(self.configuration_manager.patch_size),
                         "num_parameters": student_parameters},
+            **self.kd_record_extras(),
         }
         self.print_to_log_file(f"Knowledge distillation ({type(self).__name__}): settings {record['settings']}, "
                                f"loss {record['loss']}\n"
@@ -151,8 +152,16 @@ class nnUNetTrainerKD(nnUNetTrainer):
         if self.local_rank == 0:
             write_settings_file(self.output_folder, record)
 
+    def kd_record_extras(self) -> dict:
+        """What a trainer adds to kd_settings.json besides the settings, the loss, the teacher and the student."""
+        return {}
+
     def load_checkpoint(self, filename_or_checkpoint) -> None:
+        # the recorded settings first: they may shape what loading builds (e.g. the growing assistant's master network)
+        self._adopt_recorded_settings()
         super().load_checkpoint(filename_or_checkpoint)
+
+    def _adopt_recorded_settings(self) -> None:
         record = read_settings_file(self.output_folder)
         if record is None:
             return  # fine for --val; _prepare_distillation refuses to resume training without it
@@ -185,16 +194,18 @@ class nnUNetTrainerKD(nnUNetTrainer):
         return {"loss": loss.detach().cpu().numpy(), **{k: v.detach().cpu().numpy() for k, v in parts.items()}}
 
     def _backward_and_step(self, loss: torch.Tensor) -> None:
-        # the same update as nnUNetTrainer.train_step: gradient scaling on CUDA, clipping at norm 12
+        # the same update as nnUNetTrainer.train_step: gradient scaling on CUDA, clipping at norm 12, over whatever the
+        # optimiser trains (the student's network, or a master network the student is a slice of)
+        trained = [p for group in self.optimizer.param_groups for p in group["params"]]
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            torch.nn.utils.clip_grad_norm_(trained, 12)
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            torch.nn.utils.clip_grad_norm_(trained, 12)
             self.optimizer.step()
 
     def on_train_epoch_end(self, train_outputs: list[dict]):

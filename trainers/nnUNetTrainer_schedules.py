@@ -11,6 +11,7 @@ Named `<trainer>_<schedule>`, e.g. `nnUNetTrainerKDLogits_debug`, `nnUNetTrainer
 """
 import torch
 from nnUNetTrainerKDClassAffinity import nnUNetTrainerKDClassAffinity
+from nnUNetTrainerKDGrowingAssistant import nnUNetTrainerKDGrowingAssistant
 from nnUNetTrainerKDLogitMatching import nnUNetTrainerKDLogitMatching
 from nnUNetTrainerKDLogits import nnUNetTrainerKDLogits
 from nnUNetTrainerKDMultiScale import nnUNetTrainerKDMultiScale
@@ -24,7 +25,7 @@ SCHEDULES = {
     **{f"{n}epochs": {"num_epochs": n} for n in (5, 10, 20, 50, 100, 250)},
 }
 KD_TRAINERS = (nnUNetTrainerKDLogits, nnUNetTrainerKDLogitMatching, nnUNetTrainerKDClassAffinity,
-               nnUNetTrainerKDMultiScale)
+               nnUNetTrainerKDMultiScale, nnUNetTrainerKDGrowingAssistant)
 
 
 def with_schedule(base: type, schedule: str) -> type:

@@ -1,0 +1,168 @@
+"""Growing teacher-assistant KD: this project's design, inspired by Xu et al. 2021 (liver CT), whose growth rule is not
+published (KD_METHODS.md section 2).
+
+One master network at the assistant's maximum width is trained by one optimiser. The student is the slice made of the
+first channels of every layer (its widths come from the student plans, `-p`); the assistant is a wider slice that
+grows in stages from just above the student's widths to `max_width` times them. Each step:
+`L = L_seg(student) + alpha · KD(assistant -> student, assistant detached)
+   + L_seg(assistant) + alpha · KD(teacher -> assistant)`, the teacher frozen.
+Growth silences the channels the assistant gains (nnunet_kd/growing.py), so it keeps what it has learned.
+`self.network` is the student as an ordinary compact network: it receives the slice before every validation and
+checkpoint, so `network_weights` and stock `nnUNetv2_predict` see the student alone; the master weights and the
+growth stage and schedule travel in the checkpoint under 'kd_growing_assistant', so `--c` resumes exactly.
+Environment overrides: nnUNet_KD_alpha, nnUNet_KD_temperature, nnUNet_KD_scales, nnUNet_KD_max_width, nnUNet_KD_stages.
+"""
+import os
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+from torch import autocast
+
+from nnunet_kd.errors import KDConfigurationError
+from nnunet_kd.growing import ChannelSlice, GrowthStage, growth_schedule, silence_added_channels, stage_at
+from nnunet_kd.losses import SoftTargetKDLoss
+from nnunet_kd.settings import GrowingAssistantSettings
+from nnunet_kd.trainer import nnUNetTrainerKD
+
+CHECKPOINT_KEY = "kd_growing_assistant"
+
+
+class nnUNetTrainerKDGrowingAssistant(nnUNetTrainerKD):
+    kd_defaults = GrowingAssistantSettings(alpha=1.0, temperature=2.0, scales="full")
+    kd_loss_parts = ("seg_loss", "kd_loss", "assistant_seg_loss", "assistant_kd_loss", "assistant_width")
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.master = self.assistant = None
+        self.student_slice = self.assistant_slice = None
+        self.schedule: list[GrowthStage] | None = None
+        self.stage = -1  # -1: the assistant has not grown beyond the student yet
+
+    def build_kd_loss(self, activation: str):
+        return SoftTargetKDLoss(self.kd_settings.temperature, activation)
+
+    def _do_i_compile(self):
+        return False  # the slices swap weights in and out of their modules, and every growth changes their shapes
+
+    @property
+    def student_widths(self) -> list[int]:
+        return list(self.configuration_manager.network_arch_init_kwargs["features_per_stage"])
+
+    def _network_with_widths(self, widths) -> torch.nn.Module:
+        configuration = dict(self.configuration_manager.configuration)
+        architecture = dict(configuration["architecture"])
+        architecture["arch_kwargs"] = {**architecture["arch_kwargs"], "features_per_stage": list(widths)}
+        configuration["architecture"] = architecture
+        return self.build_network_architecture(self.plans_manager, ConfigurationManager(configuration),
+                                               self.num_input_channels, self.label_manager.num_segmentation_heads,
+                                               self.enable_deep_supervision).to(self.device)
+
+    def configure_optimizers(self):
+        # nnU-Net's optimiser and schedule, over the master weights (the student is a slice of them)
+        max_widths = [round(w * self.kd_settings.max_width) for w in self.student_widths]
+        self.master = self._network_with_widths(max_widths)
+        self.student_slice = ChannelSlice(self.master, self.network)
+        optimizer = torch.optim.SGD(self.master.parameters(), self.initial_lr, weight_decay=self.weight_decay,
+                                    momentum=0.99, nesterov=True)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    def on_train_start(self):
+        if self.is_ddp:
+            raise KDConfigurationError(f"{type(self).__name__} trains on one device; run it without -num_gpus.")
+        super().on_train_start()
+
+    def _prepare_distillation(self) -> None:
+        if self.schedule is None:  # a resumed run keeps the schedule its checkpoint holds
+            self.schedule = growth_schedule(self.student_widths, self._max_widths(), self.kd_settings.stages,
+                                            self.num_epochs)
+        super()._prepare_distillation()
+
+    def _max_widths(self) -> list[int]:
+        return list(self.master.encoder.output_channels)
+
+    def kd_record_extras(self) -> dict:
+        return {"growth": {"student_widths": self.student_widths, "max_widths": self._max_widths(),
+                           "master_parameters": sum(p.numel() for p in self.master.parameters()),
+                           "schedule": [asdict(s) for s in self.schedule]}}
+
+    # ---- growth ----
+    def _enter_stage(self, stage: int) -> None:
+        self.assistant = self._network_with_widths(self.schedule[stage].widths)
+        self.assistant_slice = ChannelSlice(self.master, self.assistant)
+        self.stage = stage
+
+    def grow_to(self, stage: int) -> None:
+        """Widen the assistant to `stage`, silencing the channels it gains so that its output does not change."""
+        before = self.assistant_slice or self.student_slice
+        self._enter_stage(stage)
+        silence_added_channels(before, self.assistant_slice, self.optimizer)
+        self.print_to_log_file(f"Assistant grows to widths {list(self.schedule[stage].widths)} (stage {stage + 1} of "
+                               f"{len(self.schedule)}); student widths {self.student_widths}",
+                               also_print_to_console=True)
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        stage = stage_at(self.schedule, self.current_epoch)
+        if stage != self.stage:
+            self.grow_to(stage)
+        self.master.train()
+
+    # ---- training ----
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        kd, alpha = self.kd_terms["kd_loss"][0], self.kd_settings.alpha
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            teacher_output = self.teacher(data)
+            assistant_output = self.assistant_slice(data)
+            student_output = self.student_slice(data)
+            detached = [o.detach() for o in assistant_output] if isinstance(assistant_output, (list, tuple)) \
+                else assistant_output.detach()
+            parts = {"seg_loss": self.loss(student_output, target),
+                     "kd_loss": kd(student_output, detached),
+                     "assistant_seg_loss": self.loss(assistant_output, target),
+                     "assistant_kd_loss": kd(assistant_output, teacher_output)}
+            loss = parts["seg_loss"] + alpha * parts["kd_loss"] + parts["assistant_seg_loss"] \
+                + alpha * parts["assistant_kd_loss"]
+        self._backward_and_step(loss)
+        width = np.mean(np.array(self.schedule[self.stage].widths) / np.array(self.student_widths))
+        return {"loss": loss.detach().cpu().numpy(), **{k: v.detach().cpu().numpy() for k, v in parts.items()},
+                "assistant_width": width}
+
+    # ---- the student as an ordinary network for validation, checkpoints and prediction ----
+    def on_validation_epoch_start(self):
+        self.student_slice.copy_into_narrow()
+        super().on_validation_epoch_start()
+
+    def save_checkpoint(self, filename: str) -> None:
+        self.student_slice.copy_into_narrow()
+        super().save_checkpoint(filename)
+        if self.local_rank == 0 and not self.disable_checkpointing:
+            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+            checkpoint[CHECKPOINT_KEY] = {"master_weights": self.master.state_dict(), "stage": self.stage,
+                                          "schedule": [asdict(s) for s in self.schedule]}
+            partial = f"{filename}.partial"
+            torch.save(checkpoint, partial)
+            os.replace(partial, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
+            torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
+        growth = checkpoint.get(CHECKPOINT_KEY)
+        if growth is None:
+            raise KDConfigurationError(f"This checkpoint has no '{CHECKPOINT_KEY}' state; it was not written by "
+                                       f"{type(self).__name__}. Resume with the trainer that wrote it.")
+        self.master.load_state_dict(growth["master_weights"])
+        self.schedule = [GrowthStage(s["start_epoch"], tuple(s["widths"])) for s in growth["schedule"]]
+        if growth["stage"] >= 0:
+            self._enter_stage(growth["stage"])
