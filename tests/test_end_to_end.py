@@ -5,8 +5,10 @@ These use the session fixtures in conftest.py (a 10-case generated dataset, `_de
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 
@@ -86,13 +88,20 @@ def _wait_for(condition, process, timeout=600.0):
     pytest.fail("timed out")
 
 
+def interrupt(process: subprocess.Popen) -> None:
+    """Kill a training the way a crash or a cluster time limit does: the trainer and its augmentation workers (it
+    must have been started with start_new_session=True)."""
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 def test_interrupted_training_resumes_exactly_with_c(workspace, teacher_3d):
     trainer = "nnUNetTrainerKDLogitMatching_debug"
     fold = workspace.model_folder(trainer, STUDENT_PLANS) / "fold_0"
     env = {**workspace.env, "nnUNet_KD_teacher": teacher_3d.name}
     process = subprocess.Popen(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-p",
                                 STUDENT_PLANS, "-device", "cpu"], env=env, cwd=workspace.root,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
     def second_epoch_started():
         logs = list(fold.glob("training_log_*.txt"))
@@ -101,8 +110,7 @@ def test_interrupted_training_resumes_exactly_with_c(workspace, teacher_3d):
     try:
         _wait_for(second_epoch_started, process)
     finally:
-        process.kill()  # an interruption like a crash or a cluster time limit
-        process.wait()
+        interrupt(process)
     latest = _checkpoint(fold / "checkpoint_latest.pth")
     assert latest["current_epoch"] == 1 and not (fold / "checkpoint_final.pth").exists()
     recorded = json.loads((fold / "kd_settings.json").read_text())

@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from conftest import DATASET_ID, STUDENT_PLANS
-from test_end_to_end import _student_network, _wait_for
+from test_end_to_end import _student_network, _wait_for, interrupt
 
 from nnunet_kd.checkpoints import load_checkpoint as _checkpoint
 
@@ -54,7 +54,7 @@ def growing_run(workspace, teacher_3d, tmp_path_factory):
     env = {**workspace.env, "nnUNet_KD_teacher": teacher_3d.name}
     process = subprocess.Popen(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", TRAINER, "-p",
                                 STUDENT_PLANS, "-device", "cpu"], env=env, cwd=workspace.root,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
     def second_epoch_started():
         logs = list(fold.glob("training_log_*.txt"))
@@ -63,8 +63,7 @@ def growing_run(workspace, teacher_3d, tmp_path_factory):
     try:
         _wait_for(second_epoch_started, process)
     finally:
-        process.kill()
-        process.wait()
+        interrupt(process)
     snapshot = tmp_path_factory.mktemp("growing") / "checkpoint_latest.pth"
     shutil.copy(fold / "checkpoint_latest.pth", snapshot)
     logs_before = set(fold.glob("training_log_*.txt"))
