@@ -10,6 +10,7 @@ Named `<trainer>_<schedule>`, e.g. `nnUNetTrainerKDLogits_debug`, `nnUNetTrainer
   model alike.
 """
 import torch
+from nnUNetTrainerKDBarlowTwins import nnUNetTrainerKDBarlowTwins
 from nnUNetTrainerKDClassAffinity import nnUNetTrainerKDClassAffinity
 from nnUNetTrainerKDGrowingAssistant import nnUNetTrainerKDGrowingAssistant
 from nnUNetTrainerKDLogitMatching import nnUNetTrainerKDLogitMatching
@@ -25,7 +26,7 @@ SCHEDULES = {
     **{f"{n}epochs": {"num_epochs": n} for n in (5, 10, 20, 50, 100, 250)},
 }
 KD_TRAINERS = (nnUNetTrainerKDLogits, nnUNetTrainerKDLogitMatching, nnUNetTrainerKDClassAffinity,
-               nnUNetTrainerKDMultiScale, nnUNetTrainerKDGrowingAssistant)
+               nnUNetTrainerKDMultiScale, nnUNetTrainerKDGrowingAssistant, nnUNetTrainerKDBarlowTwins)
 
 
 def with_schedule(base: type, schedule: str) -> type:

@@ -1,0 +1,222 @@
+"""nnUNetTrainerKDBarlowTwins end to end through nnU-Net's real CLI on a tiny generated 4-modality dataset (CPU).
+
+One `_debug` run of a FLAIR+T1CE student with its jointly trained T1/T2/FLAIR/T1CE teacher, interrupted after its
+first epoch and resumed with --c; the student is then exported, installed into a fresh results folder and predicts
+from 2-channel inputs with stock nnUNetv2_predict.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import Workspace, _clean_environment
+from test_end_to_end import _wait_for, interrupt
+
+from nnunet_kd.checkpoints import load_checkpoint
+from nnunet_kd.errors import KDConfigurationError
+from nnunet_kd.synthetic import SyntheticSpec
+from nnunet_kd.synthetic_multimodal import write_multimodal_dataset
+
+DATASET_ID, SUBSET_ID = 930, 931
+DATASET = f"Dataset{DATASET_ID}_KDSyntheticMultiModal"
+TRAINER = "nnUNetTrainerKDBarlowTwins_debug"
+CHANNELS = {"nnUNet_KD_student_channels": "FLAIR,T1CE"}
+
+
+@pytest.fixture(scope="module")
+def bt_workspace(tmp_path_factory) -> Workspace:
+    root = tmp_path_factory.mktemp("barlow")
+    ws = Workspace(root, _clean_environment(root))
+    write_multimodal_dataset(root / "raw", DATASET_ID, spec=SyntheticSpec(shape=(24, 32, 32), num_training=8,
+                                                                         num_test=1, seed=2))
+    ws.run("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2")
+    # the student's inputs: the test images with FLAIR and T1CE only, as _0000 and _0001
+    ws.run("nnunet_kd", "subset-channels", str(DATASET_ID), "--channels", "FLAIR,T1CE", "--dataset-id",
+           str(SUBSET_ID))
+    return ws
+
+
+def _model(ws: Workspace) -> Path:
+    return ws.root / "results" / DATASET / f"{TRAINER}__nnUNetPlans__3d_fullres"
+
+
+def _trainer(ws: Workspace, monkeypatch, env: dict):
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    for key, value in {**ws.env, **env}.items():
+        if key.startswith("nnUNet"):
+            monkeypatch.setenv(key, value)
+    return get_trainer_from_args(str(DATASET_ID), "3d_fullres", 0, TRAINER, "nnUNetPlans", device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def interrupted(bt_workspace) -> dict:
+    """Train, kill the run as its second epoch starts (like a crash or a time limit), keep what it left."""
+    fold = _model(bt_workspace) / "fold_0"
+    process = subprocess.Popen(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", TRAINER, "-device",
+                                "cpu"], env={**bt_workspace.env, **CHANNELS}, cwd=bt_workspace.root,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for(lambda: any(re.search(r": Epoch 1\s*$", log.read_text(), re.M)
+                              for log in fold.glob("training_log_*.txt")), process)
+    finally:
+        interrupt(process)
+    saved = bt_workspace.root / "interrupted"
+    saved.mkdir()
+    shutil.copy(fold / "checkpoint_latest.pth", saved / "student.pth")
+    shutil.copy(_model(bt_workspace) / "teacher" / "fold_0" / "checkpoint_latest.pth", saved / "teacher.pth")
+    return {"student": load_checkpoint(saved / "student.pth"), "teacher": load_checkpoint(saved / "teacher.pth")}
+
+
+@pytest.fixture(scope="module")
+def resumed(bt_workspace, interrupted) -> tuple[subprocess.CompletedProcess, set[Path]]:
+    """The interrupted run resumed with --c; its output and the log files it wrote."""
+    logs = set((_model(bt_workspace) / "fold_0").glob("training_log_*.txt"))
+    time.sleep(1.1)  # nnU-Net names logs by the second
+    # the environment now asks for other channels: the resumed run must keep the ones it started with
+    result = bt_workspace.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu",
+                              "--c", env={"nnUNet_KD_student_channels": "T1CE"})
+    return result, set((_model(bt_workspace) / "fold_0").glob("training_log_*.txt")) - logs
+
+
+def test_interrupted_run_checkpoints_teacher_with_student(bt_workspace, interrupted, monkeypatch):
+    student, teacher = interrupted["student"], interrupted["teacher"]
+    assert student["current_epoch"] == teacher["current_epoch"] == 1
+    # the student's checkpoint holds the 2-channel student; the teacher takes all 4 channels
+    assert student["network_weights"]["encoder.stages.0.0.convs.0.conv.weight"].shape[1] == 2
+    assert teacher["network_weights"]["encoder.stages.0.0.convs.0.conv.weight"].shape[1] == 4
+
+    # what --c restores: a trainer loading the checkpoint gets the saved teacher weights and optimiser state
+    trainer = _trainer(bt_workspace, monkeypatch, {})  # no channel setting: kd_settings.json provides it
+    trainer.load_checkpoint(str(_model(bt_workspace) / "fold_0" / "checkpoint_latest.pth"))
+    assert trainer.channels.names == ("FLAIR", "T1CE")
+    # one optimiser over student and teacher (no projector by default), with momentum for both
+    state = student["optimizer_state"]
+    n_student, n_teacher = len(list(trainer.network.parameters())), len(list(trainer.teacher.parameters()))
+    assert len(state["param_groups"][0]["params"]) == n_student + n_teacher
+    assert len(state["state"]) > n_student
+    for key, value in teacher["network_weights"].items():
+        assert torch.equal(trainer.teacher.state_dict()[key], value), key
+    restored = trainer.optimizer.state_dict()["state"]
+    assert set(restored) == set(state["state"])
+    assert all(torch.equal(restored[i]["momentum_buffer"], state["state"][i]["momentum_buffer"]) for i in restored)
+
+
+def test_resume_refuses_a_missing_teacher_checkpoint(bt_workspace, interrupted, monkeypatch, tmp_path):
+    teacher_file = _model(bt_workspace) / "teacher" / "fold_0" / "checkpoint_latest.pth"
+    shutil.move(teacher_file, tmp_path / "teacher.pth")
+    try:
+        trainer = _trainer(bt_workspace, monkeypatch, CHANNELS)
+        trainer.load_checkpoint(str(_model(bt_workspace) / "fold_0" / "checkpoint_latest.pth"))
+        with pytest.raises(KDConfigurationError, match="teacher checkpoint .* is missing"):
+            trainer.on_train_start()
+        assert trainer.dataloader_train is None
+    finally:
+        shutil.move(tmp_path / "teacher.pth", teacher_file)
+
+
+def test_resumed_run_continues_exactly(bt_workspace, interrupted, resumed):
+    result, new_logs = resumed
+    assert "Resuming with the settings this training started with" in result.stdout
+    fold = _model(bt_workspace) / "fold_0"
+    final = load_checkpoint(fold / "checkpoint_final.pth")
+    teacher = load_checkpoint(_model(bt_workspace) / "teacher" / "fold_0" / "checkpoint_final.pth")
+    assert final["current_epoch"] == teacher["current_epoch"] == 2
+    before = interrupted["student"]["logging"]
+    parts = ("train_student_seg_loss", "train_teacher_seg_loss", "train_barlow_twins_loss")
+    for key in ("train_losses", "val_losses", "lrs", *parts):
+        assert len(final["logging"][key]) == 2
+        assert final["logging"][key][0] == before[key][0], f"{key} of epoch 0 changed on resume"
+    assert all(np.isfinite(final["logging"][p]).all() and min(final["logging"][p]) > 0 for p in parts)
+    assert not any(fold.glob("checkpoint_latest.pth")) and not any(
+        (_model(bt_workspace) / "teacher" / "fold_0").glob("checkpoint_latest.pth"))
+    (log,) = new_logs
+    text = log.read_text()
+    assert re.search(r": Epoch 1\s*$", text, re.M) and not re.search(r": Epoch 0\s*$", text, re.M)
+    assert re.search(r"student_seg_loss \d+\.\d+, teacher_seg_loss \d+\.\d+, barlow_twins_loss \d+\.\d+", text)
+    assert "Mean Validation Dice" in text
+    assert (fold / "progress.png").is_file()
+
+    recorded = json.loads((fold / "kd_settings.json").read_text())
+    assert recorded["settings"] == {"student_channels": "FLAIR,T1CE", "barlow_weight": 1.0, "barlow_lambda": 0.005,
+                                    "projector_dim": 0, "teacher_receives_kd": True}
+    assert recorded["channels"] == {"names": ["FLAIR", "T1CE"], "indices": [2, 3],
+                                    "teacher_names": ["T1", "T2", "FLAIR", "T1CE"]}
+    # the model folder describes the student; the teacher's folder the full dataset
+    model = _model(bt_workspace)
+    assert json.loads((model / "dataset.json").read_text())["channel_names"] == {"0": "FLAIR", "1": "T1CE"}
+    plans = json.loads((model / "plans.json").read_text())
+    source = json.loads((bt_workspace.root / "preprocessed" / DATASET / "nnUNetPlans.json").read_text())
+    assert plans["foreground_intensity_properties_per_channel"] == {
+        "0": source["foreground_intensity_properties_per_channel"]["2"],
+        "1": source["foreground_intensity_properties_per_channel"]["3"]}
+    assert len(plans["configurations"]["3d_fullres"]["normalization_schemes"]) == 2
+    assert json.loads((model / "teacher" / "dataset.json").read_text())["channel_names"] == \
+        {"0": "T1", "1": "T2", "2": "FLAIR", "3": "T1CE"}
+    assert json.loads((model / "teacher" / "plans.json").read_text()) == source
+    summary = json.loads((fold / "validation" / "summary.json").read_text())
+    assert 0 <= summary["foreground_mean"]["Dice"] <= 1
+
+
+def _predict_args(images: Path, out: Path) -> tuple[str, ...]:
+    return ("-i", str(images), "-o", str(out), "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta", "-f", "0")
+
+
+def test_exported_student_predicts_from_its_two_channels(bt_workspace, resumed, tmp_path):
+    archive = tmp_path / "student.zip"
+    bt_workspace.run("nnUNetv2_export_model_to_zip", "-d", str(DATASET_ID), "-o", str(archive), "-c", "3d_fullres",
+                     "-tr", TRAINER, "-f", "0")
+    fresh = {"nnUNet_results": str(tmp_path / "results")}
+    bt_workspace.run("nnUNetv2_install_pretrained_model_from_zip", str(archive), env=fresh)
+    images = bt_workspace.root / "raw" / f"Dataset{SUBSET_ID}_KDSyntheticMultiModal_FLAIRT1CE" / "imagesTs"
+    assert sorted(p.name for p in images.iterdir()) == ["case_008_0000.nii.gz", "case_008_0001.nii.gz"]
+    out = tmp_path / "predictions"
+    bt_workspace.run("nnUNetv2_predict", *_predict_args(images, out), "-d", str(DATASET_ID), "-c", "3d_fullres",
+                     "-tr", TRAINER, env=fresh)
+    prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "case_008.nii.gz")))
+    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(bt_workspace.root / "raw" / DATASET / "labelsTs" /
+                                                          "case_008.nii.gz")))
+    assert prediction.shape == reference.shape and set(np.unique(prediction)) <= {0, 1, 2, 3}
+    assert not (tmp_path / "results" / DATASET / f"{TRAINER}__nnUNetPlans__3d_fullres" / "teacher").exists()
+
+
+def test_full_channel_inputs_fail_instead_of_predicting(bt_workspace, resumed, tmp_path):
+    # stock nnU-Net normalises each input channel with the model's per-channel plans before any of our code runs:
+    # with 4 files for a 2-channel student it stops in its preprocessing (documented in the README), never predicts
+    out = tmp_path / "predictions"
+    result = bt_workspace.run("nnUNetv2_predict", *_predict_args(bt_workspace.root / "raw" / DATASET / "imagesTs", out),
+                              "-d", str(DATASET_ID), "-c", "3d_fullres", "-tr", TRAINER, check=False)
+    assert result.returncode != 0 and "normalization_schemes[c]" in result.stderr
+    assert not list(out.glob("*.nii.gz"))
+
+
+def test_saved_teacher_predicts_from_all_channels(bt_workspace, resumed, tmp_path):
+    out = tmp_path / "teacher"
+    bt_workspace.run("nnUNetv2_predict_from_modelfolder", "-m", str(_model(bt_workspace) / "teacher"),
+                     *_predict_args(bt_workspace.root / "raw" / DATASET / "imagesTs", out))
+    assert (out / "case_008.nii.gz").is_file()
+
+
+@pytest.mark.parametrize("fold, channels, message", [
+    (1, "flair,T1CE", r"flair not in dataset.json channel_names \(T1, T2, FLAIR, T1CE\).*did you mean FLAIR"),
+    (2, "T1,T2,FLAIR,T1CE", "selects every channel"),
+    (3, "", "nnUNet_KD_student_channels is empty"),
+])
+def test_channel_selection_errors_through_the_cli(bt_workspace, fold, channels, message):
+    folder = _model(bt_workspace) / f"fold_{fold}"
+    result = bt_workspace.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", str(fold), "-tr", TRAINER, "-device",
+                              "cpu", env={"nnUNet_KD_student_channels": channels}, check=False)
+    assert result.returncode != 0 and re.search(message, result.stderr), result.stderr[-2000:]
+    # a wrong name fails before nnU-Net writes anything; a missing setting only after nnU-Net's own log file
+    written = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    assert {n for n in written if not n.startswith("training_log_")} == set()
+    if channels:
+        assert not written
