@@ -166,6 +166,32 @@ def test_resumed_run_continues_exactly(bt_workspace, interrupted, resumed):
     assert 0 <= summary["foreground_mean"]["Dice"] <= 1
 
 
+@pytest.mark.parametrize("teacher_receives_kd, projector_dim", [("true", "0"), ("false", "8")])
+def test_barlow_twins_gradient_reaches_the_teacher_only_when_set(bt_workspace, monkeypatch, teacher_receives_kd,
+                                                                  projector_dim):
+    trainer = _trainer(bt_workspace, monkeypatch, {**CHANNELS, "nnUNet_KD_teacher_receives_kd": teacher_receives_kd,
+                                                   "nnUNet_KD_projector_dim": projector_dim})
+    trainer.initialize()
+    patch = trainer.configuration_manager.patch_size
+    data = torch.randn(2, 4, *patch)
+    target = [torch.randint(0, 4, (2, 1, *(round(p * s) for p, s in zip(patch, scale)))).float()
+              for scale in trainer._get_deep_supervision_scales()]
+    parts = trainer.loss_parts(data, target)
+    assert set(parts) == {"student_seg_loss", "teacher_seg_loss", "barlow_twins_loss"}
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in parts.values())
+    bt = parts["barlow_twins_loss"]
+    to_teacher = torch.autograd.grad(bt, list(trainer.teacher.parameters()), retain_graph=True, allow_unused=True)
+    to_student = torch.autograd.grad(bt, list(trainer.network.parameters()), retain_graph=True, allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in to_student)
+    assert any(g is not None and g.abs().sum() > 0 for g in to_teacher) == (teacher_receives_kd == "true")
+    projector = list(trainer.barlow_twins.parameters())
+    assert len(projector) == (4 if projector_dim == "8" else 0)
+    optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert all(id(p) in optimised for p in [*trainer.network.parameters(), *trainer.teacher.parameters(), *projector])
+    if projector:
+        assert all(g.abs().sum() > 0 for g in torch.autograd.grad(bt, projector))
+
+
 def _predict_args(images: Path, out: Path) -> tuple[str, ...]:
     return ("-i", str(images), "-o", str(out), "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta", "-f", "0")
 

@@ -228,20 +228,7 @@ class nnUNetTrainerKDBarlowTwins(nnUNetTrainer):
             else target.to(self.device, non_blocking=True)
 
         self.optimizer.zero_grad(set_to_none=True)
-        self._capture = True
-        try:
-            with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-                teacher_output = self.teacher(data)
-                student_output = self.network(data[:, list(self.channels.indices)])
-                parts = {"student_seg_loss": self.loss(student_output, target),
-                         "teacher_seg_loss": self.loss(teacher_output, target)}
-            teacher_features = self._features["teacher"]
-            if not self.kd_settings.teacher_receives_kd:
-                teacher_features = teacher_features.detach()
-            parts["barlow_twins_loss"] = self.barlow_twins(self._features["student"], teacher_features)  # float32
-        finally:
-            self._capture = False
-            self._features.clear()
+        parts = self.loss_parts(data, target)
         loss = parts["student_seg_loss"] + parts["teacher_seg_loss"] + \
             self.kd_settings.barlow_weight * parts["barlow_twins_loss"]
 
@@ -258,6 +245,24 @@ class nnUNetTrainerKDBarlowTwins(nnUNetTrainer):
             torch.nn.utils.clip_grad_norm_(parameters, 12)
             self.optimizer.step()
         return {"loss": loss.detach().cpu().numpy(), **{k: v.detach().cpu().numpy() for k, v in parts.items()}}
+
+    def loss_parts(self, data: torch.Tensor, target) -> dict[str, torch.Tensor]:
+        """Both networks on one batch of full-channel data: each one's L_seg and L_BT between their bottlenecks."""
+        self._capture = True
+        try:
+            with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+                teacher_output = self.teacher(data)
+                student_output = self.network(data[:, list(self.channels.indices)])
+                parts = {"student_seg_loss": self.loss(student_output, target),
+                         "teacher_seg_loss": self.loss(teacher_output, target)}
+            teacher_features = self._features["teacher"]
+            if not self.kd_settings.teacher_receives_kd:
+                teacher_features = teacher_features.detach()
+            parts["barlow_twins_loss"] = self.barlow_twins(self._features["student"], teacher_features)  # float32
+        finally:
+            self._capture = False
+            self._features.clear()
+        return parts
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
         super().on_train_epoch_end(train_outputs)
