@@ -36,6 +36,7 @@ from nnunet_kd.teacher import (
     load_teacher,
     resolve_teacher_spec,
 )
+from nnunet_kd.training import backward_and_step, batch_to_device
 
 
 class nnUNetTrainerKD(nnUNetTrainer):
@@ -177,10 +178,7 @@ class nnUNetTrainerKD(nnUNetTrainer):
 
     # ---- training ----
     def train_step(self, batch: dict) -> dict:
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
-            else target.to(self.device, non_blocking=True)
+        data, target = batch_to_device(batch, self.device)
 
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
@@ -190,23 +188,8 @@ class nnUNetTrainerKD(nnUNetTrainer):
             parts.update({name: module(output, teacher_output) for name, (module, _) in self.kd_terms.items()})
             loss = self.seg_loss_weight * parts["seg_loss"] + sum(weight * parts[name]
                                                                   for name, (_, weight) in self.kd_terms.items())
-        self._backward_and_step(loss)
+        backward_and_step(loss, self.optimizer, self.grad_scaler)
         return {"loss": loss.detach().cpu().numpy(), **{k: v.detach().cpu().numpy() for k, v in parts.items()}}
-
-    def _backward_and_step(self, loss: torch.Tensor) -> None:
-        # the same update as nnUNetTrainer.train_step: gradient scaling on CUDA, clipping at norm 12, over whatever the
-        # optimiser trains (the student's network, or a master network the student is a slice of)
-        trained = [p for group in self.optimizer.param_groups for p in group["params"]]
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(trained, 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trained, 12)
-            self.optimizer.step()
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
         super().on_train_epoch_end(train_outputs)

@@ -40,6 +40,7 @@ from nnunet_kd.modalities import (
 from nnunet_kd.progress import KDLocalLogger
 from nnunet_kd.seeding import ENV_SEED, seed_from_environment
 from nnunet_kd.settings import SETTINGS_FILE, BarlowTwinsSettings, read_settings_file, write_settings_file
+from nnunet_kd.training import backward_and_step, batch_to_device
 
 TEACHER_FOLDER = "teacher"
 
@@ -126,9 +127,6 @@ class nnUNetTrainerKDBarlowTwins(nnUNetTrainer):
             if self._capture:
                 self._features[name] = output
         return hook
-
-    def _trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     # ---- start: settings, resume checks, and the model folders of student and teacher ----
     def on_train_start(self):
@@ -222,28 +220,14 @@ class nnUNetTrainerKDBarlowTwins(nnUNetTrainer):
         self.barlow_twins.train()
 
     def train_step(self, batch: dict) -> dict:
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
-            else target.to(self.device, non_blocking=True)
+        data, target = batch_to_device(batch, self.device)
 
         self.optimizer.zero_grad(set_to_none=True)
         parts = self.loss_parts(data, target)
         loss = parts["student_seg_loss"] + parts["teacher_seg_loss"] + \
             self.kd_settings.barlow_weight * parts["barlow_twins_loss"]
 
-        # nnUNetTrainer's update, with the gradient norm clipped at 12 over everything the optimiser trains
-        parameters = self._trainable_parameters()
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(parameters, 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(parameters, 12)
-            self.optimizer.step()
+        backward_and_step(loss, self.optimizer, self.grad_scaler)
         return {"loss": loss.detach().cpu().numpy(), **{k: v.detach().cpu().numpy() for k, v in parts.items()}}
 
     def loss_parts(self, data: torch.Tensor, target) -> dict[str, torch.Tensor]:

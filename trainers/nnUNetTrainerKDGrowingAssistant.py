@@ -27,6 +27,7 @@ from nnunet_kd.growing import ChannelSlice, GrowthStage, growth_schedule, silenc
 from nnunet_kd.losses import SoftTargetKDLoss
 from nnunet_kd.settings import GrowingAssistantSettings
 from nnunet_kd.trainer import nnUNetTrainerKD
+from nnunet_kd.training import backward_and_step, batch_to_device
 
 CHECKPOINT_KEY = "kd_growing_assistant"
 
@@ -114,10 +115,7 @@ class nnUNetTrainerKDGrowingAssistant(nnUNetTrainerKD):
 
     # ---- training ----
     def train_step(self, batch: dict) -> dict:
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
-            else target.to(self.device, non_blocking=True)
+        data, target = batch_to_device(batch, self.device)
         kd, alpha = self.kd_terms["kd_loss"][0], self.kd_settings.alpha
 
         self.optimizer.zero_grad(set_to_none=True)
@@ -133,7 +131,7 @@ class nnUNetTrainerKDGrowingAssistant(nnUNetTrainerKD):
                      "assistant_kd_loss": kd(assistant_output, teacher_output)}
             loss = parts["seg_loss"] + alpha * parts["kd_loss"] + parts["assistant_seg_loss"] \
                 + alpha * parts["assistant_kd_loss"]
-        self._backward_and_step(loss)
+        backward_and_step(loss, self.optimizer, self.grad_scaler)
         width = np.mean(np.array(self.schedule[self.stage].widths) / np.array(self.student_widths))
         return {"loss": loss.detach().cpu().numpy(), **{k: v.detach().cpu().numpy() for k, v in parts.items()},
                 "assistant_width": width}
