@@ -64,7 +64,8 @@ train() {  # trainer plans [environment...]
 
 train "$teacher" nnUNetPlans
 train "nnUNetTrainerStudent_${schedule}" "$student"
-for kd in KDLogits KDLogitMatching KDClassAffinity KDMultiScale; do
+# every KD trainer with a frozen teacher (nnUNetTrainerKDBarlowTwins needs a multi-modal dataset and trains its own)
+for kd in KDLogits KDLogitMatching KDClassAffinity KDMultiScale KDGrowingAssistant; do
   train "nnUNetTrainer${kd}_${schedule}" "$student" nnUNet_KD_teacher="${teacher}__nnUNetPlans__${cfg}"
 done
 step "report"
