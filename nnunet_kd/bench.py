@@ -28,6 +28,9 @@ from nnunet_kd.checkpoints import count_weights, load_checkpoint
 from nnunet_kd.errors import KDConfigurationError
 from nnunet_kd.settings import SETTINGS_FILE
 
+# the trainer classes of this source tree (setup_scripts/install.sh installs nnunet-kd from it)
+TRAINERS_FOLDER = Path(__file__).resolve().parents[1] / "trainers"
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -217,6 +220,10 @@ def load_predictor(model_folder: str, folds, device: torch.device, checkpoint: s
     """Stock nnUNetPredictor for a trained model folder, without its trainer-search chatter on stdout."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+    if not os.environ.get("nnUNet_extTrainer"):
+        # nnU-Net finds trainer classes outside its own package only through this variable; the demo and the
+        # benchmark commands must load this project's models without it
+        os.environ["nnUNet_extTrainer"] = str(TRAINERS_FOLDER)
     with contextlib.redirect_stdout(io.StringIO()):
         predictor = nnUNetPredictor(device=device, perform_everything_on_device=device.type == "cuda",
                                     allow_tqdm=False)

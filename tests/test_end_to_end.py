@@ -357,8 +357,9 @@ def test_bench_step_times_trainers_side_by_side(workspace, teacher_3d, tmp_path)
 
 def test_bench_infer_compares_models_on_the_same_cases(workspace, teacher_3d, kd_student_3d, tmp_path):
     out = tmp_path / "infer.json"
+    # without nnUNet_extTrainer, as in the demo: the command must still find this project's trainer classes
     workspace.run("nnunet_kd", "bench", "infer", str(teacher_3d), str(kd_student_3d), "-i",
-                  str(workspace.raw / "imagesTs"), "--cases", "1", "--json", str(out))
+                  str(workspace.raw / "imagesTs"), "--cases", "1", "--json", str(out), env={"nnUNet_extTrainer": ""})
     infer = json.loads(out.read_text())
     teacher, student = infer["models"]
     assert infer["cases"] == 1 and teacher["speed_ratio"] == 1.0 and student["speed_ratio"] > 0
