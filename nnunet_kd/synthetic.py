@@ -8,6 +8,7 @@ large one, which is what makes the dataset useful for distillation.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,23 +110,36 @@ def _write(array: np.ndarray, spacing, path: Path) -> None:
 def write_dataset(raw_folder: str | Path, dataset_id: int = 900, name: str = "KDSynthetic",
                   spec: SyntheticSpec = SyntheticSpec()) -> Path:
     """Write `Dataset{id}_{name}` with imagesTr/labelsTr/imagesTs/labelsTs and dataset.json; return its folder."""
+    def one_channel(rng: np.random.Generator, spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray]:
+        image, seg = generate_case(rng, spec)
+        return image[None], seg
+
+    return write_generated_dataset(raw_folder, dataset_id, name, spec, one_channel, CHANNEL_NAMES,
+                                   f"nnunet-kd generated dataset, seed {spec.seed}")
+
+
+def write_generated_dataset(raw_folder: str | Path, dataset_id: int, name: str, spec: SyntheticSpec,
+                            generate: Callable[[np.random.Generator, SyntheticSpec], tuple[np.ndarray, np.ndarray]],
+                            channel_names: dict[str, str], description: str) -> Path:
+    """Write `Dataset{id}_{name}` in nnU-Net's raw format from `generate(rng, spec) -> (images (C, z, y, x), seg)`."""
     folder = Path(raw_folder) / f"Dataset{dataset_id:03d}_{name}"
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(spec.seed)
     for i in range(spec.num_training + spec.num_test):
-        image, seg = generate_case(rng, spec)
+        images, seg = generate(rng, spec)
         split = "Tr" if i < spec.num_training else "Ts"
         case = f"case_{i:03d}"
-        _write(image, spec.spacing, folder / f"images{split}" / f"{case}_0000.nii.gz")
+        for channel, image in enumerate(images):
+            _write(image, spec.spacing, folder / f"images{split}" / f"{case}_{channel:04d}.nii.gz")
         _write(seg, spec.spacing, folder / f"labels{split}" / f"{case}.nii.gz")
     dataset_json = {
-        "channel_names": CHANNEL_NAMES,
+        "channel_names": channel_names,
         "labels": LABELS,
         "numTraining": spec.num_training,
         "file_ending": ".nii.gz",
         "name": name,
-        "description": f"nnunet-kd generated dataset, seed {spec.seed}",
+        "description": description,
     }
     (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
     return folder

@@ -8,12 +8,11 @@ give lesions away, which is the gap the teacher's knowledge can close.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from nnunet_kd.synthetic import LABELS, SyntheticSpec, _smooth_noise, _write, generate_case
+from nnunet_kd.synthetic import LABELS, SyntheticSpec, _smooth_noise, generate_case, write_generated_dataset
 
 CHANNEL_NAMES = {"0": "T1", "1": "T2", "2": "FLAIR", "3": "T1CE"}
 STUDENT_CHANNELS = "FLAIR,T1CE"
@@ -48,25 +47,6 @@ def generate_multimodal_case(rng: np.random.Generator, spec: SyntheticSpec) -> t
 def write_multimodal_dataset(raw_folder: str | Path, dataset_id: int = 910, name: str = "KDSyntheticMultiModal",
                              spec: SyntheticSpec = SyntheticSpec()) -> Path:
     """Write `Dataset{id}_{name}` (imagesTr/labelsTr/imagesTs/labelsTs, 4 channels) and dataset.json."""
-    folder = Path(raw_folder) / f"Dataset{dataset_id:03d}_{name}"
-    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(spec.seed)
-    for i in range(spec.num_training + spec.num_test):
-        images, seg = generate_multimodal_case(rng, spec)
-        split = "Tr" if i < spec.num_training else "Ts"
-        case = f"case_{i:03d}"
-        for channel, image in enumerate(images):
-            _write(image, spec.spacing, folder / f"images{split}" / f"{case}_{channel:04d}.nii.gz")
-        _write(seg, spec.spacing, folder / f"labels{split}" / f"{case}.nii.gz")
-    dataset_json = {
-        "channel_names": CHANNEL_NAMES,
-        "labels": LABELS,
-        "numTraining": spec.num_training,
-        "file_ending": ".nii.gz",
-        "name": name,
-        "description": f"nnunet-kd generated 4-modality dataset, seed {spec.seed}; a student on {STUDENT_CHANNELS} "
-                       f"lacks T2, which shows the lesions",
-    }
-    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
-    return folder
+    return write_generated_dataset(raw_folder, dataset_id, name, spec, generate_multimodal_case, CHANNEL_NAMES,
+                                   f"nnunet-kd generated 4-modality dataset, seed {spec.seed}; a student on "
+                                   f"{STUDENT_CHANNELS} lacks T2, which shows the lesions")

@@ -18,7 +18,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from conftest import Workspace, _clean_environment
-from test_end_to_end import _wait_for, interrupt
+from test_end_to_end import train_and_kill_in_second_epoch
 
 from nnunet_kd.checkpoints import load_checkpoint
 from nnunet_kd.errors import KDConfigurationError
@@ -61,14 +61,8 @@ def _trainer(ws: Workspace, monkeypatch, env: dict):
 def interrupted(bt_workspace) -> dict:
     """Train, kill the run as its second epoch starts (like a crash or a time limit), keep what it left."""
     fold = _model(bt_workspace) / "fold_0"
-    process = subprocess.Popen(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", TRAINER, "-device",
-                                "cpu"], env={**bt_workspace.env, **CHANNELS}, cwd=bt_workspace.root,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        _wait_for(lambda: any(re.search(r": Epoch 1\s*$", log.read_text(), re.M)
-                              for log in fold.glob("training_log_*.txt")), process)
-    finally:
-        interrupt(process)
+    train_and_kill_in_second_epoch([str(DATASET_ID), "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu"],
+                                   {**bt_workspace.env, **CHANNELS}, bt_workspace.root, fold)
     saved = bt_workspace.root / "interrupted"
     saved.mkdir()
     shutil.copy(fold / "checkpoint_latest.pth", saved / "student.pth")

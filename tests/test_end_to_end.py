@@ -88,29 +88,25 @@ def _wait_for(condition, process, timeout=600.0):
     pytest.fail("timed out")
 
 
-def interrupt(process: subprocess.Popen) -> None:
-    """Kill a training the way a crash or a cluster time limit does: the trainer and its augmentation workers (it
-    must have been started with start_new_session=True)."""
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+def train_and_kill_in_second_epoch(args: list[str], env: dict, cwd, fold) -> None:
+    """Run `nnUNetv2_train ARGS` and kill it as soon as its log in `fold` shows the second epoch: the trainer and its
+    augmentation workers, the way a crash or a cluster time limit does."""
+    process = subprocess.Popen(["nnUNetv2_train", *args], env=env, cwd=cwd, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for(lambda: any(re.search(r": Epoch 1\s*$", log.read_text(), re.M)
+                              for log in fold.glob("training_log_*.txt")), process)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def test_interrupted_training_resumes_exactly_with_c(workspace, teacher_3d):
     trainer = "nnUNetTrainerKDLogitMatching_debug"
     fold = workspace.model_folder(trainer, STUDENT_PLANS) / "fold_0"
-    env = {**workspace.env, "nnUNet_KD_teacher": teacher_3d.name}
-    process = subprocess.Popen(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-p",
-                                STUDENT_PLANS, "-device", "cpu"], env=env, cwd=workspace.root,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-
-    def second_epoch_started():
-        logs = list(fold.glob("training_log_*.txt"))
-        return bool(logs) and re.search(r": Epoch 1\s*$", logs[0].read_text(), re.M) is not None
-
-    try:
-        _wait_for(second_epoch_started, process)
-    finally:
-        interrupt(process)
+    train_and_kill_in_second_epoch([str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-p", STUDENT_PLANS, "-device",
+                                    "cpu"], {**workspace.env, "nnUNet_KD_teacher": teacher_3d.name}, workspace.root,
+                                   fold)
     latest = _checkpoint(fold / "checkpoint_latest.pth")
     assert latest["current_epoch"] == 1 and not (fold / "checkpoint_final.pth").exists()
     recorded = json.loads((fold / "kd_settings.json").read_text())

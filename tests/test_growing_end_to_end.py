@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import sys
 import time
 
@@ -14,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from conftest import DATASET_ID, STUDENT_PLANS
-from test_end_to_end import _student_network, _wait_for, interrupt
+from test_end_to_end import _student_network, train_and_kill_in_second_epoch
 
 from nnunet_kd.checkpoints import load_checkpoint as _checkpoint
 
@@ -51,19 +50,9 @@ print("restored exactly")
 def growing_run(workspace, teacher_3d, tmp_path_factory):
     """A growing-assistant training killed in its second epoch, then resumed with --c to the end."""
     fold = workspace.model_folder(TRAINER, STUDENT_PLANS) / "fold_0"
-    env = {**workspace.env, "nnUNet_KD_teacher": teacher_3d.name}
-    process = subprocess.Popen(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", TRAINER, "-p",
-                                STUDENT_PLANS, "-device", "cpu"], env=env, cwd=workspace.root,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-
-    def second_epoch_started():
-        logs = list(fold.glob("training_log_*.txt"))
-        return bool(logs) and re.search(r": Epoch 1\s*$", logs[0].read_text(), re.M) is not None
-
-    try:
-        _wait_for(second_epoch_started, process)
-    finally:
-        interrupt(process)
+    train_and_kill_in_second_epoch([str(DATASET_ID), "3d_fullres", "0", "-tr", TRAINER, "-p", STUDENT_PLANS, "-device",
+                                    "cpu"], {**workspace.env, "nnUNet_KD_teacher": teacher_3d.name}, workspace.root,
+                                   fold)
     snapshot = tmp_path_factory.mktemp("growing") / "checkpoint_latest.pth"
     shutil.copy(fold / "checkpoint_latest.pth", snapshot)
     logs_before = set(fold.glob("training_log_*.txt"))
