@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from nnunet_kd.checkpoints import count_weights, load_checkpoint
 from nnunet_kd.errors import KDConfigurationError
+from nnunet_kd.schedule import split_schedule
 from nnunet_kd.settings import SETTINGS_FILE
 
 # the trainer classes of this source tree (setup_scripts/install.sh installs nnunet-kd from it)
@@ -320,18 +321,22 @@ def _format_gap(row: dict) -> str:
 
 
 def _gap_closed(row: dict, rows: list[dict]) -> float | None:
-    """(KD − same student without KD) / (teacher − same student without KD), on mean validation Dice."""
+    """(KD − plain student) / (teacher − plain student), on mean validation Dice of the same fold.
+
+    The plain student is like with like: the same plans, configuration, fold and named schedule (`_demo`, ...), trained
+    by nnUNetTrainerStudent (or the stock trainer) of that schedule; None where there is no such run.
+    """
     if row["kd"] is None:
         return None
     teacher_folder = Path(row["kd"]["teacher"]["model_folder"]).name
     teacher = [r for r in rows if r["model"].name == teacher_folder and r["fold"] == row["fold"]]
+    schedule = split_schedule(row["trainer"])[1]
     plain = [r for r in rows if r["kd"] is None and r["plans"] == row["plans"] and r["fold"] == row["fold"]
-             and r["configuration"] == row["configuration"]]
+             and r["configuration"] == row["configuration"]
+             and split_schedule(r["trainer"]) in (("nnUNetTrainerStudent", schedule), ("nnUNetTrainer", schedule))]
     if not teacher or not plain:
         return None
-    # prefer the plain student trained with the same schedule suffix (e.g. _demo, _20epochs)
-    suffix = row["trainer"].split("_", 1)[1] if "_" in row["trainer"] else ""
-    plain.sort(key=lambda r: not r["trainer"].endswith(suffix) if suffix else r["trainer"] != "nnUNetTrainer")
+    plain.sort(key=lambda r: not r["trainer"].startswith("nnUNetTrainerStudent"))
     gap = teacher[0]["mean_dice"] - plain[0]["mean_dice"]
     return (row["mean_dice"] - plain[0]["mean_dice"]) / gap if gap > 0 else None
 
@@ -366,6 +371,10 @@ def report(results_dataset_folder: Path, device: str = "cpu", time_cases: int = 
                  f"{row['seconds_per_case']:.2f}" if row["seconds_per_case"] is not None else "n/a",
                  _format_gap(row)]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Dice: nnU-Net's final validation of each model's fold (summary.json). KD gap closed: (KD − plain "
+              "student) / (teacher − plain student) in mean validation Dice, against nnUNetTrainerStudent (or the "
+              "stock trainer) with the same plans, fold and named schedule; n/a where there is no such run or no gap. "
+              "One run each: for KD's effect beyond seed noise use `nnunet_kd study`."]
     return "\n".join(lines)
 
 

@@ -10,13 +10,25 @@ from pathlib import Path
 from nnunet_kd.errors import KDConfigurationError
 
 
+def dataset_name(dataset: str) -> str:
+    """nnU-Net's dataset name for a name or id, or one clear line saying where it was looked for."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    try:
+        return maybe_convert_to_dataset_name(dataset)
+    except RuntimeError as e:
+        folders = ", ".join(f"{v}={os.environ.get(v) or '(unset)'}"
+                            for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"))
+        raise KDConfigurationError(f"Dataset {dataset} not found in nnU-Net's folders ({folders}). Check the id, or "
+                                   f"export the folders that hold it.") from e
+
+
 def _dataset_folder(dataset: str) -> Path:
     from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     if not nnUNet_preprocessed.is_set():
         raise KDConfigurationError("nnUNet_preprocessed is not set; export it as for any nnU-Net command.")
-    folder = Path(nnUNet_preprocessed.get()) / maybe_convert_to_dataset_name(dataset)
+    folder = Path(nnUNet_preprocessed.get()) / dataset_name(dataset)
     if not folder.is_dir():
         raise KDConfigurationError(f"{folder} does not exist. Run `nnUNetv2_plan_and_preprocess -d {dataset}` first.")
     return folder
@@ -71,17 +83,38 @@ def generate_dataset_command(args: argparse.Namespace) -> None:
 
 
 def subset_channels_command(args: argparse.Namespace) -> None:
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
     from nnunet_kd.modalities import subset_raw_dataset
 
     raw = Path(_raw_folder(args.raw))
-    try:
-        source = maybe_convert_to_dataset_name(args.dataset)
-    except RuntimeError as e:
-        raise KDConfigurationError(f"Dataset {args.dataset} not found in {raw}.") from e
+    source = dataset_name(args.dataset)
     name = args.name or f"{source.split('_', 1)[1]}_{''.join(c.strip() for c in args.channels.split(','))}"
     print(f"wrote {subset_raw_dataset(raw / source, raw / f'Dataset{args.dataset_id:03d}_{name}', args.channels)}")
+
+
+def check_channels_command(args: argparse.Namespace) -> None:
+    from nnunet_kd.modalities import select_channels, subset_preprocessing_difference
+
+    dataset = dataset_name(args.dataset)
+    raw = Path(_raw_folder(None)) / dataset
+    folder = _dataset_folder(dataset)
+    plans_file = folder / f"{args.plans}.json"
+    if not plans_file.is_file():
+        raise KDConfigurationError(f"{plans_file} not found; plan the dataset first.")
+    plans = json.loads(plans_file.read_text())
+    dataset_json = json.loads((raw / "dataset.json").read_text())
+    selection = select_channels(dataset_json, args.channels, "--channels")
+    ending = dataset_json["file_ending"]
+    cases = sorted({p.name[:-len(ending) - 5] for p in (raw / "imagesTr").glob(f"*_0000{ending}")})[:args.cases]
+    differing = 0
+    for case in cases:
+        files = [str(raw / "imagesTr" / f"{case}_{i:04d}{ending}") for i in range(len(selection.all_names))]
+        result = subset_preprocessing_difference(files, plans, args.configuration, dataset_json, selection)
+        differing += not (result["same_crop"] and result["max_abs_difference"] == 0)
+        print(f"{case}: crop {'same' if result['same_crop'] else 'DIFFERS'} {result['crop_subset']} (all channels "
+              f"{result['crop_full']}), max |difference| of the normalised {args.channels} "
+              f"{result['max_abs_difference']}")
+    print(f"{differing} of {len(cases)} cases preprocess differently from {args.channels} alone than from all "
+          f"channels{'' if differing else ': training and prediction see the same voxels'}.")
 
 
 DEFAULT_STEP_TRAINERS = ["nnUNetTrainerStudent", "nnUNetTrainerKDLogits", "nnUNetTrainerKDLogitMatching",
@@ -98,11 +131,10 @@ def _use_demo_workspace_if_unset(workdir: str) -> None:
 
 def _default_teacher(dataset: str, configuration: str) -> str:
     from nnunetv2.paths import nnUNet_results
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     if not nnUNet_results.is_set():
         raise KDConfigurationError("nnUNet_results is not set; export it or run `nnunet_kd demo` first.")
-    folder = Path(nnUNet_results.get()) / maybe_convert_to_dataset_name(dataset)
+    folder = Path(nnUNet_results.get()) / dataset_name(dataset)
     for trainer in ("nnUNetTrainer", "nnUNetTrainer_demo"):
         candidate = folder / f"{trainer}__nnUNetPlans__{configuration}"
         if candidate.is_dir():
@@ -140,18 +172,52 @@ def bench_infer_command(args: argparse.Namespace) -> None:
 
 def report_command(args: argparse.Namespace) -> None:
     from nnunetv2.paths import nnUNet_results
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     from nnunet_kd.bench import report
 
     _use_demo_workspace_if_unset(args.workdir)
     if not nnUNet_results.is_set():
-        raise KDConfigurationError("nnUNet_results is not set; export it or run `nnunet_kd demo` first.")
-    dataset = maybe_convert_to_dataset_name(args.dataset)
+        raise KDConfigurationError(f"nnUNet_results is not set and there is no demo workspace at "
+                                   f"{Path(args.workdir).resolve()} (--workdir is relative to the current folder). "
+                                   f"Export nnU-Net's folders, or pass --workdir with the demo's folder.")
+    dataset = dataset_name(args.dataset)
     table = f"## {dataset}\n\n" + report(Path(nnUNet_results.get()) / dataset, args.device, args.time_cases)
     print(table)
     if args.output:
         Path(args.output).write_text(table + "\n")
+
+
+DEFAULT_STUDY_TRAINERS = ["nnUNetTrainerStudent", "nnUNetTrainerKDLogits"]
+
+
+def study_command(args: argparse.Namespace) -> None:
+    from nnunetv2.paths import nnUNet_results
+
+    from nnunet_kd.study import StudyPlan, run_study
+    from nnunet_kd.study_report import write_report
+
+    if args.schedule and (args.epochs or args.iterations or args.val_iterations):
+        raise KDConfigurationError("Give either --schedule or --epochs/--iterations/--val-iterations, not both.")
+    dataset = dataset_name(args.dataset)
+    teacher = args.teacher or _default_teacher(args.dataset, args.configuration)
+    if not os.path.isabs(teacher):
+        if not nnUNet_results.is_set():
+            raise KDConfigurationError("nnUNet_results is not set; export it or give --teacher as an absolute path.")
+        teacher = os.path.join(nnUNet_results.get(), dataset, teacher)
+    plan = StudyPlan(dataset=dataset, configuration=args.configuration, plans=args.plans,
+                     teacher=os.path.abspath(teacher), trainers=tuple(args.trainers), seeds=tuple(args.seeds),
+                     fold=args.fold, num_epochs=args.epochs, iterations_per_epoch=args.iterations,
+                     val_iterations_per_epoch=args.val_iterations,
+                     schedule=args.schedule,
+                     test_images=os.path.abspath(args.test_images) if args.test_images else None,
+                     test_labels=os.path.abspath(args.test_labels) if args.test_labels else None,
+                     device=args.device)
+    output = Path(args.output or f"study_{dataset}_{args.configuration}_{args.plans}")
+    if args.report_only:
+        write_report(plan, output.resolve(), time_cases=args.time_cases)
+    else:
+        run_study(plan, output, time_cases=args.time_cases)
+    print(f"report: {output.resolve() / 'report.md'}")
 
 
 def demo_command(args: argparse.Namespace) -> None:
@@ -204,6 +270,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw", default=None, help="raw data folder (default: $nnUNet_raw)")
     p.set_defaults(func=subset_channels_command)
 
+    p = sub.add_parser("check-channels", help="does nnU-Net preprocess a channel subset as it does with all channels? "
+                                              "(crop and normalisation seen by a fewer-modality student)")
+    p.add_argument("dataset", help="dataset name or id (raw and preprocessed)")
+    p.add_argument("--channels", required=True, help="the student's channels by dataset.json name, e.g. FLAIR,T1CE")
+    p.add_argument("-c", "--configuration", default="3d_fullres")
+    p.add_argument("-p", "--plans", default="nnUNetPlans")
+    p.add_argument("--cases", type=int, default=5, help="training cases to check (default: 5)")
+    p.set_defaults(func=check_channels_command)
+
     p = sub.add_parser("demo", help="teacher, student and KD student end to end on the generated dataset")
     p.add_argument("--workdir", default="nnunet_kd_demo", help="folder for raw, preprocessed and results data")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -244,6 +319,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="nnunet_kd_demo", help="demo folder used when nnUNet_results is unset")
     p.add_argument("-o", "--output", default=None, help="also write the table to this file")
     p.set_defaults(func=report_command)
+
+    p = sub.add_parser("study", help="does KD pay off? every trainer on the same seeds, paired with the no-KD "
+                                     "baseline, stock nnUNetv2_train/predict, report with confidence intervals")
+    p.add_argument("dataset", help="dataset name or id, as for nnUNetv2_train")
+    p.add_argument("-c", "--configuration", default="3d_fullres")
+    p.add_argument("-p", "--plans", required=True, help="the students' plans (nnunet_kd student-plans)")
+    p.add_argument("--teacher", default=None, help="teacher model folder, absolute or under $nnUNet_results/<dataset> "
+                                                   "(default: nnUNetTrainer__nnUNetPlans__<configuration>)")
+    p.add_argument("--trainers", nargs="+", default=DEFAULT_STUDY_TRAINERS,
+                   help="trainers to compare; the first is the no-KD baseline (default: %(default)s)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the trainers' own)")
+    p.add_argument("--iterations", type=int, default=None, help="iterations per epoch (default: the trainers' own)")
+    p.add_argument("--val-iterations", type=int, default=None,
+                   help="validation iterations per epoch, for nnU-Net's pseudo Dice curve (default: the trainers' own)")
+    p.add_argument("--schedule", default=None, help="a named schedule instead: trains <trainer>_<schedule>, e.g. demo")
+    p.add_argument("--test-images", default=None, help="test images in nnU-Net naming (optional)")
+    p.add_argument("--test-labels", default=None, help="their reference segmentations")
+    p.add_argument("--device", default="cuda", choices=["cpu", "cuda"], help="training and prediction device")
+    p.add_argument("--time-cases", type=int, default=3, help="validation cases to time per model on the CPU (0: skip)")
+    p.add_argument("-o", "--output", default=None,
+                   help="study folder (default: study_<dataset>_<configuration>_<plans>); re-running continues it")
+    p.add_argument("--report-only", action="store_true", help="write the report from the runs finished so far")
+    p.set_defaults(func=study_command)
 
     args = parser.parse_args(argv)
     try:

@@ -74,16 +74,22 @@ def _concatenating_convs(network: nn.Module) -> set[str]:
 
 
 class ChannelSlice:
-    """A narrower network of the master's architecture whose weights are the first channels of the master's."""
+    """A narrower network of the master's architecture whose weights are the first channels of the master's.
 
-    def __init__(self, master: nn.Module, narrow: nn.Module):
+    Buffers (BatchNorm running statistics) are slices of the master's too, unless `own_buffers`: then the narrow
+    network keeps and updates its own. The student needs that: the assistant's forward pass updates the master's
+    statistics of the student's channels with the assistant's activations, so shared buffers would export statistics
+    of another network (and count `num_batches_tracked` twice per step).
+    """
+
+    def __init__(self, master: nn.Module, narrow: nn.Module, own_buffers: bool = False):
         check_sliceable(master)
         check_sliceable(narrow)
-        self.master, self.narrow = master, narrow
+        self.master, self.narrow, self.own_buffers = master, narrow, own_buffers
         self.input_dims = _input_dims(master)
         concatenating = _concatenating_convs(master)
-        master_tensors = _tensors(master)
-        narrow_tensors = _tensors(narrow)
+        master_tensors = _tensors(master, own_buffers)
+        narrow_tensors = _tensors(narrow, own_buffers)
         if set(master_tensors) != set(narrow_tensors):
             raise ValueError("master and narrow network are not the same architecture")
         # name -> per dimension: None (whole dimension) or the master indices that make up the narrow tensor
@@ -105,14 +111,15 @@ class ChannelSlice:
             self.indices[name] = per_dim
         # every place the narrow network holds a tensor (tied weights sit in several modules), by the tensor's name
         canonical = {id(t): name for name, t in narrow_tensors.items()}
+        swapped = [*narrow.named_parameters(remove_duplicate=False),
+                   *([] if own_buffers else narrow.named_buffers(remove_duplicate=False))]
         self._slots = [(narrow.get_submodule(path.rpartition(".")[0]), path.rpartition(".")[2], canonical[id(t)])
-                       for path, t in [*narrow.named_parameters(remove_duplicate=False),
-                                       *narrow.named_buffers(remove_duplicate=False)]]
+                       for path, t in swapped]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The narrow network's parameters and buffers as differentiable slices of the master's."""
         sliced = {}
-        for name, tensor in _tensors(self.master).items():
+        for name, tensor in _tensors(self.master, self.own_buffers).items():
             for dim, index in enumerate(self.indices[name]):
                 if index is None:
                     continue
@@ -142,7 +149,7 @@ class ChannelSlice:
     @torch.no_grad()
     def copy_into_narrow(self) -> nn.Module:
         """Make the narrow network a standalone copy of the slice (for validation, checkpoints and inference)."""
-        own = _tensors(self.narrow)
+        own = _tensors(self.narrow, self.own_buffers)
         for name, tensor in self.tensors().items():
             own[name].copy_(tensor)
         return self.narrow
@@ -152,8 +159,8 @@ class ChannelSlice:
         return self.indices[name][self.input_dims[name]]
 
 
-def _tensors(network: nn.Module) -> dict[str, torch.Tensor]:
-    return {**dict(network.named_parameters()), **dict(network.named_buffers())}
+def _tensors(network: nn.Module, parameters_only: bool = False) -> dict[str, torch.Tensor]:
+    return {**dict(network.named_parameters()), **({} if parameters_only else dict(network.named_buffers()))}
 
 
 @torch.no_grad()

@@ -178,3 +178,33 @@ class SelectChannels(nn.Module):
 
     def forward(self, x):
         return self.network(x[:, self.indices])
+
+
+def subset_preprocessing_difference(image_files: list[str], plans: dict, configuration: str, dataset_json: dict,
+                                    selection: ChannelSelection) -> dict:
+    """What nnU-Net's preprocessing does differently to the student's channels when it sees only them.
+
+    The student trains on cases preprocessed with every channel but predicts from its own: nnU-Net crops to the
+    bounding box of the voxels that are non-zero in *any* channel, and with `use_mask_for_norm` normalises inside
+    that mask, so fewer channels can mean another crop or other normalised values. Returns the crop boxes, whether
+    they agree, and (where the shapes agree) the largest difference of the student's normalised channels.
+    """
+    import numpy as np
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    def run(files, plans_json, dataset):
+        manager = PlansManager(plans_json)
+        config = manager.get_configuration(configuration)
+        preprocessor = config.preprocessor_class(verbose=False)
+        data, _, properties = preprocessor.run_case(files, None, manager, config, dataset)
+        return data, properties["bbox_used_for_cropping"]
+
+    full, full_box = run(image_files, plans, dataset_json)
+    sub, sub_box = run([image_files[i] for i in selection.indices], student_plans(plans, selection),
+                       student_dataset_json(dataset_json, selection))
+    full = full[list(selection.indices)]
+    same_shape = full.shape == sub.shape
+    return {"crop_full": [list(map(int, b)) for b in full_box], "crop_subset": [list(map(int, b)) for b in sub_box],
+            "same_crop": same_shape and [list(b) for b in full_box] == [list(b) for b in sub_box],
+            "max_abs_difference": float(np.abs(full - sub).max()) if same_shape else None,
+            "fraction_differing": float((np.abs(full - sub) > 1e-4).mean()) if same_shape else None}

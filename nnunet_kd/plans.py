@@ -120,15 +120,30 @@ def count_parameters(plans: dict, configuration: str, dataset_json: dict) -> int
 
 
 def write_plans(plans: dict, preprocessed_dataset_folder: str | Path, force: bool = False) -> tuple[Path, bool]:
-    """Write `<plans_name>.json`; returns (path, written). An identical file is left alone; a different one is
-    replaced only with `force`."""
+    """Write `<plans_name>.json`; returns (path, written).
+
+    An existing file of that name that agrees on everything the new plans hold gains their configurations (so
+    `student-plans -c 2d` and `-c 3d_fullres` of one width share one file, as nnU-Net's own plans do); an identical
+    file is left alone; one that differs in a configuration both hold, or outside the configurations, is replaced only
+    with `force`.
+    """
     path = Path(preprocessed_dataset_folder) / f"{plans['plans_name']}.json"
-    if path.is_file():
-        if json.loads(path.read_text()) == json.loads(json.dumps(plans)):
+    plans = json.loads(json.dumps(plans))
+    if path.is_file() and not force:
+        existing = json.loads(path.read_text())
+        merged = {**existing, "configurations": {**existing.get("configurations", {}), **plans["configurations"]}}
+        conflicting = sorted(c for c in plans["configurations"]
+                             if c in existing.get("configurations", {}) and existing["configurations"][c]
+                             != plans["configurations"][c])
+        others_differ = {k: v for k, v in existing.items() if k != "configurations"} != \
+            {k: v for k, v in plans.items() if k != "configurations"}
+        if merged == existing:
             return path, False
-        if not force:
-            raise KDConfigurationError(f"{path} exists and differs from the plans asked for. Choose another --name, "
-                                       f"or pass --force to replace it (trained models keep their own copy of the "
-                                       f"plans in their results folder).")
+        if conflicting or others_differ:
+            what = f"configuration(s) {conflicting}" if conflicting else "its dataset-wide entries"
+            raise KDConfigurationError(f"{path} exists and differs from the plans asked for in {what}. Choose another "
+                                       f"--name, or pass --force to replace it (trained models keep their own copy of "
+                                       f"the plans in their results folder).")
+        plans = merged
     path.write_text(json.dumps(plans, indent=4, sort_keys=False))
     return path, True

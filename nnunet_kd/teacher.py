@@ -224,15 +224,37 @@ class LoadedTeacher:
     num_parameters: int
 
 
+def _raise_for_unreadable_checkpoint(spec: TeacherSpec) -> None:
+    """Name the teacher checkpoint torch cannot read (truncated copy, interrupted download), and the way out."""
+    from nnunet_kd.checkpoints import load_checkpoint
+
+    for path in spec.checkpoint_paths():
+        try:
+            load_checkpoint(path)
+        except Exception as e:
+            raise KDConfigurationError(
+                f"The teacher checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}): the "
+                f"file is corrupt or truncated, e.g. by an interrupted copy. Copy it again from where the teacher was "
+                f"trained, or set {ENV_TEACHER_CHECKPOINT} to another checkpoint of that folder (e.g. "
+                f"checkpoint_best.pth).") from e
+
+
 def load_teacher(spec: TeacherSpec, device: torch.device, deep_supervision: bool = False) -> LoadedTeacher:
     """Rebuild the teacher with nnU-Net's predictor (its own trainer class and plans), one network per fold."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(spec.model_folder, spec.folds, spec.checkpoint_name)
+    try:
+        predictor.initialize_from_trained_model_folder(spec.model_folder, spec.folds, spec.checkpoint_name)
+    except Exception as e:
+        _raise_for_unreadable_checkpoint(spec)
+        raise e
+    # with nnUNet_compile set, the predictor wraps the network in torch.compile, whose state_dict keys carry an
+    # `_orig_mod.` prefix that the checkpoints lack; the teacher is rebuilt from the plain module
+    plain_network = getattr(predictor.network, "_orig_mod", predictor.network)
     networks = []
     for params in predictor.list_of_parameters:
-        network = copy.deepcopy(predictor.network)
+        network = copy.deepcopy(plain_network)
         network.load_state_dict(params)
         networks.append(network)
     module = FrozenTeacher(networks, required_divisor(predictor.configuration_manager), deep_supervision).to(device)

@@ -22,6 +22,7 @@ from nnunet_kd.cpu_inference import build_network_with_onednn
 from nnunet_kd.errors import KDConfigurationError
 from nnunet_kd.losses import DeepSupervisionKD, kd_scale_weights
 from nnunet_kd.progress import KDLocalLogger
+from nnunet_kd.schedule import SCHEDULE_ATTRIBUTES, apply_schedule_from_environment
 from nnunet_kd.seeding import ENV_SEED, seed_from_environment
 from nnunet_kd.settings import SETTINGS_FILE, BaseKDSettings, KDSettings, read_settings_file, write_settings_file
 from nnunet_kd.teacher import (
@@ -56,6 +57,7 @@ class nnUNetTrainerKD(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.seed = seed_from_environment()
+        apply_schedule_from_environment(self)
         self.kd_settings = self.kd_defaults.with_environment()
         self.teacher_spec = resolve_teacher_spec(os.environ.get("nnUNet_results"), self.plans_manager.dataset_name,
                                                  configuration, fold)
@@ -89,8 +91,8 @@ class nnUNetTrainerKD(nnUNetTrainer):
 
     def _prepare_distillation(self) -> None:
         dataset, configuration = self.plans_manager.dataset_name, self.configuration_name
-        ignored = self.kd_defaults.ignored_environment(other_known=(ENV_TEACHER, ENV_TEACHER_FOLDS,
-                                                                    ENV_TEACHER_CHECKPOINT, ENV_SEED))
+        ignored = self.kd_defaults.ignored_environment(
+            other_known=(ENV_TEACHER, ENV_TEACHER_FOLDS, ENV_TEACHER_CHECKPOINT, ENV_SEED, *SCHEDULE_ATTRIBUTES))
         if ignored:
             self.print_to_log_file(f"WARNING: {ignored} are set but {type(self).__name__} does not use them.")
         if self.current_epoch > 0 and self._recorded_run is None:
@@ -125,6 +127,8 @@ class nnUNetTrainerKD(nnUNetTrainer):
             "trainer": type(self).__name__,
             "nnunet_kd_version": __version__,
             "seed": self.seed,
+            "schedule": {"num_epochs": self.num_epochs, "num_iterations_per_epoch": self.num_iterations_per_epoch,
+                         "num_val_iterations_per_epoch": self.num_val_iterations_per_epoch},
             "settings": self.kd_settings.to_json(),
             "loss": {"activation": activation, "seg_weight": self.seg_loss_weight,
                      "terms": {name: {"weight": weight, "weights_per_output": getattr(module, "weights", None)}

@@ -37,28 +37,28 @@ def _whitened(n: int, c: int, seed: int = 0) -> torch.Tensor:
 # ---- loss ----
 def test_identical_decorrelated_features_give_zero():
     z = _whitened(500, 8)
-    assert barlow_twins_loss(z, z, eps=0).item() == pytest.approx(0, abs=1e-10)
+    assert barlow_twins_loss(z, z, eps=0, relative_eps=0).item() == pytest.approx(0, abs=1e-10)
     # any per-feature affine change leaves the correlation, and so the loss, unchanged
-    assert barlow_twins_loss(3 * z + 7, z, eps=0).item() == pytest.approx(0, abs=1e-10)
+    assert barlow_twins_loss(3 * z + 7, z, eps=0, relative_eps=0).item() == pytest.approx(0, abs=1e-10)
 
 
 def test_on_diagonal_term_counts_uncorrelated_features():
     a, b = _whitened(400, 6, seed=1), _whitened(400, 6, seed=2)
-    c = cross_correlation(a, b, eps=0)
+    c = cross_correlation(a, b, eps=0, relative_eps=0)
     expected = ((1 - torch.diagonal(c)) ** 2).sum() / 6
-    assert barlow_twins_loss(a, b, lambd=0, eps=0).item() == pytest.approx(expected.item())
+    assert barlow_twins_loss(a, b, lambd=0, eps=0, relative_eps=0).item() == pytest.approx(expected.item())
     # sign flip: perfectly anti-correlated features cost (1 - (-1))² = 4 each
     z = _whitened(400, 6)
-    assert barlow_twins_loss(z, -z, lambd=0, eps=0).item() == pytest.approx(4.0)
+    assert barlow_twins_loss(z, -z, lambd=0, eps=0, relative_eps=0).item() == pytest.approx(4.0)
 
 
 def test_redundancy_term_penalises_correlated_features():
     # every feature a copy of one: the diagonal is perfect, all C(C-1) off-diagonal entries are 1
     x = _whitened(300, 1).repeat(1, 5)
     for lambd in (0.0, 0.005, 1.0):
-        assert barlow_twins_loss(x, x, lambd=lambd, eps=0).item() == pytest.approx(lambd * 5 * 4 / 5)
+        assert barlow_twins_loss(x, x, lambd=lambd, eps=0, relative_eps=0).item() == pytest.approx(lambd * 5 * 4 / 5)
     z = _whitened(300, 5)
-    assert barlow_twins_loss(z, z, lambd=1.0, eps=0).item() == pytest.approx(0, abs=1e-10)
+    assert barlow_twins_loss(z, z, lambd=1.0, eps=0, relative_eps=0).item() == pytest.approx(0, abs=1e-10)
 
 
 def test_voxels_are_samples_so_batch_one_works():
@@ -236,3 +236,17 @@ def test_multimodal_dataset_and_subset_copy(tmp_path):
     with pytest.raises(KDConfigurationError, match="selects every channel"):
         subset_raw_dataset(folder, tmp_path / "raw" / "Dataset914_all", "T1,T2,FLAIR,T1CE")
     assert not (tmp_path / "raw" / "Dataset914_all").exists()
+
+
+def test_a_near_constant_feature_does_not_dominate_the_gradient():
+    """A dead bottleneck channel (std 1e-4) among unit-variance ones, fewer samples (128) than features (320), as with
+    nnU-Net's batch of 2 and a 4³ bottleneck: its gradient stays within 1/sqrt(relative_eps) = 10x the others'
+    (with eps alone it was 1/sqrt(1e-5) = 316x)."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(128, 320, dtype=torch.float64, generator=generator)
+    a[:, 0] = 1.0 + 1e-4 * torch.randn(128, dtype=torch.float64, generator=generator)
+    b = torch.randn(128, 320, dtype=torch.float64, generator=generator)
+    a.requires_grad_()
+    barlow_twins_loss(a, b).backward()
+    per_feature = a.grad.norm(dim=0)
+    assert per_feature[0] / per_feature[1:].median() < 11

@@ -240,3 +240,29 @@ def test_channel_selection_errors_through_the_cli(bt_workspace, fold, channels, 
     assert {n for n in written if not n.startswith("training_log_")} == set()
     if channels:
         assert not written
+
+
+def test_check_channels_measures_what_a_fewer_modality_student_sees(bt_workspace, tmp_path):
+    """On the generated data the student's channels preprocess alike with or without the others; where the others
+    reach further (T1 non-zero in slices where FLAIR and T1CE are zero) nnU-Net's crop differs, and it is shown."""
+    from nnunet_kd.modalities import select_channels, subset_preprocessing_difference
+
+    same = bt_workspace.run("nnunet_kd", "check-channels", str(DATASET_ID), "--channels", "FLAIR,T1CE", "--cases", "2")
+    assert "0 of 2 cases preprocess differently" in same.stdout
+
+    raw = bt_workspace.raw.parent / DATASET
+    dataset_json = json.loads((raw / "dataset.json").read_text())
+    plans = json.loads((bt_workspace.root / "preprocessed" / DATASET / "nnUNetPlans.json").read_text())
+    files = []
+    for channel in range(4):
+        image = sitk.ReadImage(str(raw / "imagesTr" / f"case_000_{channel:04d}.nii.gz"))
+        array = sitk.GetArrayFromImage(image)
+        array[:, :4] = 0 if channel in (2, 3) else 100  # FLAIR and T1CE end 4 rows before T1 and T2 do
+        edited = sitk.GetImageFromArray(array)
+        edited.CopyInformation(image)
+        files.append(str(tmp_path / f"case_{channel:04d}.nii.gz"))
+        sitk.WriteImage(edited, files[-1])
+    result = subset_preprocessing_difference(files, plans, "3d_fullres", dataset_json,
+                                             select_channels(dataset_json, "FLAIR,T1CE"))
+    assert not result["same_crop"]
+    assert result["crop_subset"][1][0] == 4 and result["crop_full"][1][0] == 0

@@ -24,10 +24,14 @@ def test_gap_closed_is_kd_gain_over_the_teacher_student_gap():
     assert _gap_closed(rows[0], rows) is None  # not a KD student
 
 
-def test_gap_closed_prefers_the_plain_student_with_the_same_schedule():
+def test_gap_closed_compares_with_the_plain_student_of_the_same_schedule_only():
     rows = [_row("nnUNetTrainer", "nnUNetPlans", 0.9), _row("nnUNetTrainerStudent", "S", 0.5),
-            _row("nnUNetTrainerStudent_demo", "S", 0.7), _row("nnUNetTrainerKDLogits_demo", "S", 0.8, TEACHER)]
+            _row("nnUNetTrainerStudent_demo", "S", 0.7), _row("nnUNetTrainerKDLogits_demo", "S", 0.8, TEACHER),
+            _row("nnUNetTrainerKDLogits_T4_demo", "S", 0.75, TEACHER), _row("nnUNetTrainerKDLogits_debug", "S", 0.8,
+                                                                              TEACHER)]
     assert _gap_closed(rows[3], rows) == pytest.approx(0.5)
+    assert _gap_closed(rows[4], rows) == pytest.approx(0.25)  # a variant (_T4) of the demo schedule
+    assert _gap_closed(rows[5], rows) is None  # no plain student with the debug schedule: no comparison
 
 
 @pytest.mark.parametrize("plain_mean", [0.9, 0.95])

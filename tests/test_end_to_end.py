@@ -260,6 +260,33 @@ def test_missing_teacher_parts_are_named(workspace, teacher_3d, previous_run_fol
     assert _snapshot(previous_run_folder) == before
 
 
+def test_a_truncated_teacher_checkpoint_is_named_with_the_fix(workspace, teacher_3d, previous_run_folder, tmp_path,
+                                                              monkeypatch):
+    teacher = copy_model_folder(teacher_3d, tmp_path / "teacher")
+    checkpoint = teacher / "fold_0" / "checkpoint_final.pth"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:5000])  # an interrupted copy
+    before = _snapshot(previous_run_folder)
+    trainer = _kd_trainer(workspace, monkeypatch, {"nnUNet_KD_teacher": str(teacher), "nnUNet_KD_teacher_folds": "0"})
+    with pytest.raises(KDConfigurationError, match="corrupt or truncated") as error:
+        trainer.on_train_start()
+    assert str(checkpoint) in str(error.value) and "nnUNet_KD_teacher_checkpoint" in str(error.value)
+    assert _snapshot(previous_run_folder) == before
+
+
+def test_teacher_loads_with_nnunet_compile_set(workspace, teacher_3d, monkeypatch):
+    """nnU-Net's predictor wraps the network in torch.compile when nnUNet_compile is true; the teacher must load."""
+    from nnunet_kd.teacher import TeacherSpec, load_teacher
+
+    monkeypatch.setenv("nnUNet_extTrainer", workspace.env["nnUNet_extTrainer"])
+    spec = TeacherSpec(str(teacher_3d), (0,), "checkpoint_final.pth")
+    plain = load_teacher(spec, torch.device("cpu")).module
+    for value in ("1", "true", "t"):
+        monkeypatch.setenv("nnUNet_compile", value)
+        compiled = load_teacher(spec, torch.device("cpu")).module
+        x = torch.randn(1, 1, 24, 32, 32)
+        assert torch.equal(compiled(x), plain(x))
+
+
 def test_resume_refuses_a_changed_teacher(workspace, teacher_3d, kd_student_3d, tmp_path, monkeypatch):
     teacher = copy_model_folder(teacher_3d, tmp_path / "teacher")
     fold = workspace.model_folder("nnUNetTrainerKDLogits_debug", STUDENT_PLANS) / "fold_4"

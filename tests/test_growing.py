@@ -159,3 +159,34 @@ def test_growing_assistant_settings_are_validated(changes, message):
     environment = {f"nnUNet_KD_{k}": str(v) for k, v in {"max_width": 2.5, "stages": 3}.items()}
     assert GrowingAssistantSettings().with_environment(environment) == GrowingAssistantSettings(max_width=2.5,
                                                                                                 stages=3)
+
+
+def _batchnorm_unet(widths) -> nn.Module:
+    return PlainConvUNet(2, 4, widths, nn.Conv3d, 3, (1, 2, 2, 2), 2, 3, (2, 2, 2), True, nn.BatchNorm3d,
+                         {"eps": 1e-5, "affine": True}, None, None, nn.LeakyReLU, {"inplace": True},
+                         deep_supervision=True)
+
+
+def test_the_student_keeps_its_own_batchnorm_statistics():
+    """With BatchNorm plans, the assistant's forward passes must not write into the student's running statistics:
+    the exported student carries the statistics a student trained alone on the same batches would have."""
+    master = _batchnorm_unet(MASTER)
+    student = ChannelSlice(master, _batchnorm_unet(STUDENT), own_buffers=True)
+    assistant = ChannelSlice(master, _batchnorm_unet(ASSISTANT))
+    alone = _batchnorm_unet(STUDENT)
+    with torch.no_grad():
+        for name, tensor in student.tensors().items():
+            alone.get_parameter(name).copy_(tensor)
+    for network in (master, student.narrow, assistant.narrow, alone):
+        network.train()
+    for _ in range(3):
+        x = _input(3)
+        with torch.no_grad():
+            assistant(x)
+            student(x)
+            alone(x)
+    for name, buffer in alone.named_buffers():
+        assert torch.equal(student.narrow.get_buffer(name), buffer), name
+    assert int(student.narrow.get_buffer("encoder.stages.0.0.convs.0.norm.num_batches_tracked")) == 3
+    # the assistant's statistics are the master's
+    assert int(master.get_buffer("encoder.stages.0.0.convs.0.norm.num_batches_tracked")) == 3

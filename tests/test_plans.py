@@ -280,6 +280,18 @@ def test_write_plans_leaves_identical_file_alone(tmp_path, plans) -> None:
     assert os.stat(path).st_mtime_ns == 1_000_000_000
 
 
+def test_write_plans_adds_another_configuration_of_the_same_width(tmp_path, plans) -> None:
+    """`student-plans -c 3d_fullres --width 0.5`, then `-c 2d --width 0.5`: one file, both configurations."""
+    path, _ = write_plans(make_student_plans(plans, ["3d_fullres"], width=0.5), tmp_path)
+    assert write_plans(make_student_plans(plans, ["2d"], width=0.5), tmp_path) == (path, True)
+    both = json.loads(path.read_text())
+    assert both == make_student_plans(plans, ["3d_fullres", "2d"], width=0.5)
+    assert write_plans(make_student_plans(plans, ["2d"], width=0.5), tmp_path) == (path, False)
+    with pytest.raises(KDConfigurationError, match=r"configuration\(s\) \['2d'\]"):
+        write_plans(make_student_plans(plans, ["2d"], width=0.25, name="nnUNetPlans_KDStudent_w0.5"), tmp_path)
+    assert json.loads(path.read_text()) == both
+
+
 def test_write_plans_refuses_to_replace_different_file_without_force(tmp_path, plans) -> None:
     first = make_student_plans(plans, ["3d_fullres"], width=0.5, name="Student")
     second = make_student_plans(plans, ["3d_fullres"], width=0.25, name="Student")

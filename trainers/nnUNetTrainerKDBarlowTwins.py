@@ -38,6 +38,7 @@ from nnunet_kd.modalities import (
     student_plans,
 )
 from nnunet_kd.progress import KDLocalLogger
+from nnunet_kd.schedule import SCHEDULE_ATTRIBUTES, apply_schedule_from_environment
 from nnunet_kd.seeding import ENV_SEED, seed_from_environment
 from nnunet_kd.settings import SETTINGS_FILE, BarlowTwinsSettings, read_settings_file, write_settings_file
 from nnunet_kd.training import backward_and_step, batch_to_device
@@ -70,6 +71,7 @@ class nnUNetTrainerKDBarlowTwins(nnUNetTrainer):
             select_channels(dataset_json, settings.student_channels)  # a wrong name fails before nnU-Net's log file
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.seed = seed_from_environment()
+        apply_schedule_from_environment(self)
         self.kd_settings = settings
         self.channels: ChannelSelection | None = None
         self.teacher: nn.Module | None = None
@@ -132,7 +134,7 @@ class nnUNetTrainerKDBarlowTwins(nnUNetTrainer):
     def on_train_start(self):
         if not self.was_initialized:
             self.initialize()
-        ignored = self.kd_defaults.ignored_environment(other_known=(ENV_SEED,))
+        ignored = self.kd_defaults.ignored_environment(other_known=(ENV_SEED, *SCHEDULE_ATTRIBUTES))
         if ignored:
             self.print_to_log_file(f"WARNING: {ignored} are set but {type(self).__name__} does not use them.")
         if self.current_epoch > 0:
@@ -152,6 +154,8 @@ class nnUNetTrainerKDBarlowTwins(nnUNetTrainer):
             "trainer": type(self).__name__,
             "nnunet_kd_version": __version__,
             "seed": self.seed,
+            "schedule": {"num_epochs": self.num_epochs, "num_iterations_per_epoch": self.num_iterations_per_epoch,
+                         "num_val_iterations_per_epoch": self.num_val_iterations_per_epoch},
             "settings": self.kd_settings.to_json(),
             "channels": self.channels.to_json(),
             "loss": {"student_seg_weight": 1.0, "teacher_seg_weight": 1.0,

@@ -67,7 +67,8 @@ class nnUNetTrainerKDGrowingAssistant(nnUNetTrainerKD):
         # nnU-Net's optimiser and schedule, over the master weights (the student is a slice of them)
         max_widths = [round(w * self.kd_settings.max_width) for w in self.student_widths]
         self.master = self._network_with_widths(max_widths)
-        self.student_slice = ChannelSlice(self.master, self.network)
+        # the student keeps its own normalisation statistics: the assistant's passes must not write into them
+        self.student_slice = ChannelSlice(self.master, self.network, own_buffers=True)
         optimizer = torch.optim.SGD(self.master.parameters(), self.initial_lr, weight_decay=self.weight_decay,
                                     momentum=0.99, nesterov=True)
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)

@@ -7,6 +7,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_kd.cpu_inference import build_network_with_onednn
+from nnunet_kd.schedule import apply_schedule_from_environment
 from nnunet_kd.seeding import seed_from_environment
 
 
@@ -18,3 +19,4 @@ class nnUNetTrainerStudent(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         # like the KD trainers: nnUNet_KD_seed makes a KD/no-KD pair start from the same weights
         self.seed = seed_from_environment()
+        apply_schedule_from_environment(self)

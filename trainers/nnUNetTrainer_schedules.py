@@ -8,6 +8,11 @@ Named `<trainer>_<schedule>`, e.g. `nnUNetTrainerKDLogits_debug`, `nnUNetTrainer
 - `<N>epochs` for N in 5, 10, 20, 50, 100, 250: nnU-Net's default epoch of 250 iterations. nnU-Net ships these
   for nnUNetTrainer; here they exist for nnUNetTrainerStudent and the KD trainers too, so a benchmark trains every
   model alike.
+- `<E>x<I>`: E epochs of I iterations (10 validation iterations): short CPU schedules for real data, e.g.
+  `nnUNetTrainer_40x50`, the teacher of setup_scripts/study_hippocampus.sh.
+
+Any other length, for this package's trainers only: `nnUNet_KD_num_epochs` and `nnUNet_KD_iterations_per_epoch`
+(see nnunet_kd.schedule); `nnunet_kd study --epochs E --iterations I` uses them.
 """
 import torch
 from nnUNetTrainerKDBarlowTwins import nnUNetTrainerKDBarlowTwins
@@ -19,12 +24,8 @@ from nnUNetTrainerKDMultiScale import nnUNetTrainerKDMultiScale
 from nnUNetTrainerStudent import nnUNetTrainerStudent
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-# schedule name -> attributes set after nnUNetTrainer.__init__
-SCHEDULES = {
-    "debug": {"num_epochs": 2, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 2, "save_every": 1},
-    "demo": {"num_epochs": 6, "num_iterations_per_epoch": 20, "num_val_iterations_per_epoch": 4},
-    **{f"{n}epochs": {"num_epochs": n} for n in (5, 10, 20, 50, 100, 250)},
-}
+from nnunet_kd.schedule import SCHEDULES
+
 KD_TRAINERS = (nnUNetTrainerKDLogits, nnUNetTrainerKDLogitMatching, nnUNetTrainerKDClassAffinity,
                nnUNetTrainerKDMultiScale, nnUNetTrainerKDGrowingAssistant, nnUNetTrainerKDBarlowTwins)
 

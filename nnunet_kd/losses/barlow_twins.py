@@ -18,24 +18,34 @@ def voxels_as_samples(features: torch.Tensor) -> torch.Tensor:
     return features.movedim(1, -1).reshape(-1, features.shape[1])
 
 
-def standardise(samples: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    # like the reference code's BatchNorm1d(affine=False): biased variance, eps inside the root, so a constant
-    # feature (a dead channel) gives zeros instead of NaN
-    return (samples - samples.mean(0)) / torch.sqrt(samples.var(0, unbiased=False) + eps)
+def standardise(samples: torch.Tensor, eps: float = 1e-5, relative_eps: float = 1e-2) -> torch.Tensor:
+    """Each feature (column) minus its mean, divided by `sqrt(var + relative_eps · mean_var + eps)`.
+
+    Standardising divides a feature's gradient by its standard deviation, so a near-constant feature (a dead ReLU
+    channel, common in a bottleneck) would get its gradient scaled by up to `1/sqrt(eps)` (~316x for unit-variance
+    features) and dominate nnU-Net's clipped step. The floor, `relative_eps` times the features' mean variance,
+    bounds that to `1/sqrt(relative_eps)` (10x) the gradient of a typical feature, whatever the features' scale; a
+    typical feature's correlation shrinks by only `1/(1 + relative_eps)`. `eps` keeps all-constant features finite
+    (zeros instead of NaN), like the reference code's BatchNorm1d(affine=False).
+    """
+    variance = samples.var(0, unbiased=False)
+    floor = relative_eps * variance.mean() + eps
+    return (samples - samples.mean(0)) / torch.sqrt(variance + floor)
 
 
-def cross_correlation(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def cross_correlation(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-5, relative_eps: float = 1e-2) -> torch.Tensor:
     """C x C cross-correlation of two (N, C) sample sets, each feature standardised over the N samples."""
     if a.shape != b.shape:
         raise ValueError(f"Barlow Twins needs features of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.shape[0] < 2:
         raise ValueError("Barlow Twins needs at least 2 samples (voxels) to standardise features")
-    return standardise(a, eps).T @ standardise(b, eps) / a.shape[0]
+    return standardise(a, eps, relative_eps).T @ standardise(b, eps, relative_eps) / a.shape[0]
 
 
-def barlow_twins_loss(a: torch.Tensor, b: torch.Tensor, lambd: float = 0.005, eps: float = 1e-5) -> torch.Tensor:
+def barlow_twins_loss(a: torch.Tensor, b: torch.Tensor, lambd: float = 0.005, eps: float = 1e-5,
+                      relative_eps: float = 1e-2) -> torch.Tensor:
     """`(Σ_i (1 - C_ii)² + λ Σ_{i≠j} C_ij²) / C` for (N, C) samples a and b, in their own dtype."""
-    c = cross_correlation(a, b, eps)
+    c = cross_correlation(a, b, eps, relative_eps)
     diagonal = torch.diagonal(c)
     on_diagonal = (1 - diagonal).pow(2).sum()
     off_diagonal = c.pow(2).sum() - diagonal.pow(2).sum()

@@ -11,6 +11,7 @@ import contextlib
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 Activation = Literal["softmax", "sigmoid"]
@@ -53,19 +54,23 @@ def class_affinity(probabilities: torch.Tensor) -> torch.Tensor:
         return torch.bmm(p, p.transpose(1, 2)) / p.shape[2]
 
 
-def _unit_columns(m: torch.Tensor, eps: float) -> torch.Tensor:
-    """Columns of `m` (B x K x K) scaled to unit L2 norm; an all-zero column stays zero (its cosine is then 0).
+def affinity_unit_columns(log_probabilities: torch.Tensor) -> torch.Tensor:
+    """The columns of `M = P Pᵀ / N` scaled to unit L2 norm (B x K x K, float32), from log-probabilities (B, K, N).
 
-    Cosine similarity ignores each column's scale, so each column is first divided by its largest magnitude, which
-    leaves every non-zero column with a norm >= 1. Without this, a class absent from the patch has affinities so small
-    that the column norm falls below `eps` and is clamped, or its squares underflow float32 to a norm of 0; either way
-    that column's cosine drops towards 0 and the loss towards 1 even for identical inputs. This is common, not exotic:
-    softmax logits ~20 below the winner everywhere, or sigmoid logits below ~-12 on every channel, are enough.
-    The scale is detached: the loss is invariant to it, so its gradient is exactly zero.
+    Cosine similarity ignores each column's scale, and the columns of a class absent from the patch are tiny: their
+    norms fall below any eps, their squares underflow float32, and a class ~104 logits below the others has a softmax
+    probability of exactly 0, so its column is all zeros and its cosine 0 even for identical inputs. So the columns
+    are built in log space: with `s_i = max_v log p_i` and `q_i = exp(log p_i - s_i)` (each class's largest value is
+    1), `M_ij = exp(s_i + s_j) Q_ij` where `Q = q qᵀ / N`. Column j, divided by `exp(s_j)` and by its largest entry,
+    is `exp(s_i + log Q_ij - max_i(...))`: its largest entry is 1 (`Q_jj >= 1/N`), so no column vanishes, and the
+    result is the unit column of M, exactly.
     """
-    scale = m.detach().abs().amax(dim=1, keepdim=True)
-    m = m / torch.where(scale > 0, scale, torch.ones_like(scale))
-    return m / torch.linalg.vector_norm(m, dim=1, keepdim=True).clamp_min(eps)
+    s = log_probabilities.amax(dim=2, keepdim=True)  # B x K x 1
+    q = torch.exp(log_probabilities - s)
+    q_affinity = torch.bmm(q, q.transpose(1, 2)) / q.shape[2]
+    log_columns = s + torch.log(q_affinity)  # row i gets s_i
+    columns = torch.exp(log_columns - log_columns.amax(dim=1, keepdim=True))
+    return columns / torch.linalg.vector_norm(columns, dim=1, keepdim=True)
 
 
 class ClassAffinityKDLoss(nn.Module):
@@ -75,34 +80,33 @@ class ClassAffinityKDLoss(nn.Module):
     sigmoid: one independent probability per channel and voxel (region-based training); M then relates the regions.
     Each sample is weighted equally, so the loss of a batch is the mean of the per-sample losses. Affinity entries are
     non-negative, so every cosine lies in [0, 1] and so does the loss; it is symmetric in its arguments, but only the
-    student receives a gradient (the teacher is detached). `eps` bounds the column norms from below, so that an
-    all-zero column gives cosine 0 instead of NaN. There is no `T²` factor: the loss is a bounded similarity, not a KL.
+    student receives a gradient (the teacher is detached). The columns are built in log space
+    (`affinity_unit_columns`), so a class whose probability underflows to 0 still compares exactly. There is no `T²`
+    factor: the loss is a bounded similarity, not a KL.
     """
 
-    def __init__(self, temperature: float = 1.0, activation: Activation = "softmax", eps: float = 1e-8) -> None:
+    def __init__(self, temperature: float = 1.0, activation: Activation = "softmax") -> None:
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if activation not in ("softmax", "sigmoid"):
             raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
-        if not eps > 0:
-            raise ValueError(f"eps must be positive, got {eps}")
         self.temperature = float(temperature)
         self.activation = activation
-        self.eps = float(eps)
 
-    def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+    def _log_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         z = logits.float() / self.temperature
-        return torch.softmax(z, 1) if self.activation == "softmax" else torch.sigmoid(z)
+        log_p = torch.log_softmax(z, 1) if self.activation == "softmax" else F.logsigmoid(z)
+        return log_p.reshape(*log_p.shape[:2], -1)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         _check_logits(student_logits, teacher_logits)
         with _autocast_off(student_logits.device):
-            m_s = class_affinity(self._probabilities(student_logits))
-            m_t = class_affinity(self._probabilities(teacher_logits.detach()))
+            columns_s = affinity_unit_columns(self._log_probabilities(student_logits))
+            columns_t = affinity_unit_columns(self._log_probabilities(teacher_logits.detach()))
             # column j of M is M[:, :, j]: the cosine reduces over the row axis (dim 1); B x K cosines
-            cosine = (_unit_columns(m_s, self.eps) * _unit_columns(m_t, self.eps)).sum(1)
+            cosine = (columns_s * columns_t).sum(1)
             return (1 - cosine).mean()
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, activation={self.activation!r}, eps={self.eps}"
+        return f"temperature={self.temperature}, activation={self.activation!r}"

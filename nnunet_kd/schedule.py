@@ -1,0 +1,60 @@
+"""Training length from the environment, for schedules that no named `<trainer>_<schedule>` class covers.
+
+`nnUNet_KD_num_epochs`, `nnUNet_KD_iterations_per_epoch` and `nnUNet_KD_val_iterations_per_epoch` set nnU-Net's
+`num_epochs`, `num_iterations_per_epoch` and `num_val_iterations_per_epoch` for this package's trainers
+(nnUNetTrainerStudent and every KD trainer); `nnunet_kd study --epochs E --iterations I` uses them so that a study
+can train any length without a class per length. A named schedule class (`_demo`, `_20epochs`, ...) sets its own
+length after this and wins.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from nnunet_kd.errors import KDConfigurationError
+
+# named schedules: `<trainer>_<name>` classes (trainers/nnUNetTrainer_schedules.py) set these attributes after
+# nnUNetTrainer.__init__
+SCHEDULES = {
+    "debug": {"num_epochs": 2, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 2, "save_every": 1},
+    "demo": {"num_epochs": 6, "num_iterations_per_epoch": 20, "num_val_iterations_per_epoch": 4},
+    **{f"{n}epochs": {"num_epochs": n} for n in (5, 10, 20, 50, 100, 250)},
+    **{f"{e}x{i}": {"num_epochs": e, "num_iterations_per_epoch": i, "num_val_iterations_per_epoch": 10}
+       for e in (20, 40, 60, 100) for i in (50,)},
+}
+
+ENV_NUM_EPOCHS = "nnUNet_KD_num_epochs"
+ENV_ITERATIONS_PER_EPOCH = "nnUNet_KD_iterations_per_epoch"
+ENV_VAL_ITERATIONS_PER_EPOCH = "nnUNet_KD_val_iterations_per_epoch"
+SCHEDULE_ATTRIBUTES = {ENV_NUM_EPOCHS: "num_epochs", ENV_ITERATIONS_PER_EPOCH: "num_iterations_per_epoch",
+                       ENV_VAL_ITERATIONS_PER_EPOCH: "num_val_iterations_per_epoch"}
+
+
+def schedule_from_environment(environ: Mapping[str, str] = os.environ) -> dict[str, int]:
+    """The trainer attributes the schedule variables ask for, e.g. {'num_epochs': 40}; {} when none is set."""
+    schedule = {}
+    for name, attribute in SCHEDULE_ATTRIBUTES.items():
+        raw = environ.get(name)
+        if not raw:
+            continue
+        try:
+            value = int(raw)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise KDConfigurationError(f"{name}={raw!r} must be a whole number >= 1.")
+        schedule[attribute] = value
+    return schedule
+
+
+def apply_schedule_from_environment(trainer, environ: Mapping[str, str] = os.environ) -> dict[str, int]:
+    schedule = schedule_from_environment(environ)
+    for attribute, value in schedule.items():
+        setattr(trainer, attribute, value)
+    return schedule
+
+
+def split_schedule(trainer_name: str) -> tuple[str, str]:
+    """'nnUNetTrainerKDLogits_T4_demo' -> ('nnUNetTrainerKDLogits_T4', 'demo'); no named schedule -> (name, '')."""
+    base, _, suffix = trainer_name.rpartition("_")
+    return (base, suffix) if base and suffix in SCHEDULES else (trainer_name, "")

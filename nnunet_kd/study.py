@@ -1,0 +1,287 @@
+"""`nnunet_kd study`: does distillation pay off on this dataset? Paired seeds, stock nnU-Net commands, one report.
+
+For every seed, every trainer (the first is the no-KD baseline) trains the same student plans from the same initial
+weights (`nnUNet_KD_seed`) with the stock `nnUNetv2_train`; nnU-Net's final validation scores the fold, and a test
+set, if given, is predicted with the stock `nnUNetv2_predict` and scored with nnU-Net's evaluation. Each seed has a
+results folder of its own (`<study>/runs/seed_<s>` is `nnUNet_results` for its runs), so runs of different seeds
+never share a model folder. Re-running continues: finished runs are skipped, interrupted ones resume with `--c`.
+The report (`nnunet_kd.study_report`) compares every KD trainer with the baseline, seed by seed and case by case.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from nnunet_kd.errors import KDConfigurationError
+from nnunet_kd.schedule import ENV_ITERATIONS_PER_EPOCH, ENV_NUM_EPOCHS, ENV_VAL_ITERATIONS_PER_EPOCH
+from nnunet_kd.seeding import ENV_SEED
+from nnunet_kd.teacher import ENV_TEACHER
+
+STUDY_FILE = "study.json"
+TRAINERS_FOLDER = Path(__file__).resolve().parents[1] / "trainers"
+# what may differ when a study is re-run into the same folder: more trainers or seeds, another test set or device
+EXTENSIBLE_FIELDS = ("trainers", "seeds", "test_images", "test_labels", "device")
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    dataset: str  # nnU-Net dataset name, e.g. Dataset004_Hippocampus
+    configuration: str
+    plans: str  # the students' plans
+    teacher: str  # absolute model folder
+    trainers: tuple[str, ...]  # the first one is the baseline (no KD)
+    seeds: tuple[int, ...]
+    fold: int = 0
+    num_epochs: int | None = None
+    iterations_per_epoch: int | None = None
+    val_iterations_per_epoch: int | None = None
+    schedule: str | None = None  # a named schedule class suffix (`<trainer>_<schedule>`), instead of the two above
+    test_images: str | None = None
+    test_labels: str | None = None
+    device: str = "cpu"
+
+    def trainer_class(self, trainer: str) -> str:
+        return f"{trainer}_{self.schedule}" if self.schedule else trainer
+
+    def environment(self) -> dict[str, str]:
+        """Variables every training run of this study gets (besides its seed and results folder)."""
+        env = {ENV_TEACHER: self.teacher}
+        if self.num_epochs:
+            env[ENV_NUM_EPOCHS] = str(self.num_epochs)
+        if self.iterations_per_epoch:
+            env[ENV_ITERATIONS_PER_EPOCH] = str(self.iterations_per_epoch)
+        if self.val_iterations_per_epoch:
+            env[ENV_VAL_ITERATIONS_PER_EPOCH] = str(self.val_iterations_per_epoch)
+        return env
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Run:
+    seed: int
+    trainer: str
+    study: Path = field(compare=False)
+    plan: StudyPlan = field(compare=False, repr=False)
+
+    @property
+    def results_root(self) -> Path:
+        return self.study / "runs" / f"seed_{self.seed}"
+
+    @property
+    def model_folder(self) -> Path:
+        return (self.results_root / self.plan.dataset
+                / f"{self.plan.trainer_class(self.trainer)}__{self.plan.plans}__{self.plan.configuration}")
+
+    @property
+    def fold_folder(self) -> Path:
+        return self.model_folder / f"fold_{self.plan.fold}"
+
+    @property
+    def validation_summary(self) -> Path:
+        return self.fold_folder / "validation" / "summary.json"
+
+    @property
+    def test_predictions(self) -> Path:
+        return self.study / "predictions" / f"seed_{self.seed}" / self.trainer
+
+    @property
+    def log_file(self) -> Path:
+        return self.study / "logs" / f"seed_{self.seed}" / f"{self.trainer}.log"
+
+    @property
+    def trained(self) -> bool:
+        return (self.fold_folder / "checkpoint_final.pth").is_file() and self.validation_summary.is_file()
+
+    @property
+    def tested(self) -> bool:
+        return self.plan.test_images is None or (self.test_predictions / "summary.json").is_file()
+
+
+def plan_runs(plan: StudyPlan, study: Path) -> list[Run]:
+    """Seed by seed, every trainer of a seed before the next seed: a study stopped early has complete pairs."""
+    return [Run(seed, trainer, study, plan) for seed in plan.seeds for trainer in plan.trainers]
+
+
+def save_or_check_plan(plan: StudyPlan, study: Path) -> None:
+    """Record the plan; a re-run may add trainers or seeds, but never changes what the existing runs mean."""
+    path = study / STUDY_FILE
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        current = plan.to_json()
+        changed = {k: (recorded.get(k), v) for k, v in current.items()
+                   if k not in EXTENSIBLE_FIELDS and _jsonable(recorded.get(k)) != _jsonable(v)}
+        if changed:
+            lines = "\n  - ".join(f"{k}: {old!r} in {path}, now {new!r}" for k, (old, new) in changed.items())
+            raise KDConfigurationError(f"{study} holds a study with other settings, whose runs would not be comparable "
+                                       f"with these:\n  - {lines}\nUse another output folder (-o), or the recorded "
+                                       f"settings.")
+    study.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(plan.to_json(), indent=2))
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))
+
+
+def _command_environment(extra: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        # nnU-Net's commands live next to this Python, also when its environment is not activated
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+        "nnUNet_extTrainer": env.get("nnUNet_extTrainer") or str(TRAINERS_FOLDER),
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    })
+    return env
+
+
+def _run_command(args: list[str], env: dict[str, str], log_file: Path) -> None:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "a") as log:
+        log.write(f"$ {' '.join(args)}\n")
+        log.flush()
+        result = subprocess.run(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        tail = "".join(log_file.read_text().splitlines(keepends=True)[-15:])
+        raise KDConfigurationError(f"`{' '.join(args)}` failed (exit {result.returncode}); last lines of {log_file}:"
+                                   f"\n{tail}")
+
+
+def check_inputs(plan: StudyPlan) -> None:
+    """Everything that can be wrong before the first run: folders, plans, trainer classes, the teacher."""
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    from nnunet_kd.teacher import TeacherSpec, check_teacher_files
+
+    if not nnUNet_preprocessed.is_set():
+        raise KDConfigurationError("nnUNet_preprocessed is not set; export it as for any nnU-Net command.")
+    plans_file = Path(nnUNet_preprocessed.get()) / plan.dataset / f"{plan.plans}.json"
+    if not plans_file.is_file():
+        raise KDConfigurationError(f"Student plans {plans_file} not found. Write them first, e.g. `nnunet_kd "
+                                   f"student-plans {plan.dataset} -c {plan.configuration} --width 0.25`.")
+    configurations = json.loads(plans_file.read_text())["configurations"]
+    if plan.configuration not in configurations:
+        raise KDConfigurationError(f"{plans_file} has no configuration {plan.configuration!r} (it has "
+                                   f"{sorted(configurations)}).")
+    check_teacher_files(TeacherSpec(plan.teacher, (plan.fold,), "checkpoint_final.pth"), plan.dataset,
+                        plan.configuration)
+    if (plan.test_images is None) != (plan.test_labels is None):
+        raise KDConfigurationError("Give both --test-images and --test-labels, or neither.")
+    for folder in (plan.test_images, plan.test_labels):
+        if folder is not None and not Path(folder).is_dir():
+            raise KDConfigurationError(f"Test folder {folder} not found.")
+    if len(set(plan.trainers)) != len(plan.trainers) or len(plan.trainers) < 2:
+        raise KDConfigurationError(f"Give a baseline and at least one other trainer, each once; got "
+                                   f"{list(plan.trainers)}.")
+    _check_trainer_classes([plan.trainer_class(t) for t in plan.trainers])
+
+
+def _check_trainer_classes(names: Sequence[str]) -> None:
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    old = os.environ.get("nnUNet_extTrainer")
+    os.environ["nnUNet_extTrainer"] = old or str(TRAINERS_FOLDER)
+    try:
+        for name in names:
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    recursive_find_trainer_class_by_name(name)
+            except RuntimeError as e:
+                raise KDConfigurationError(f"Trainer class {name} not found in nnU-Net or in nnUNet_extTrainer "
+                                           f"({os.environ['nnUNet_extTrainer']}). Check its name (and --schedule)."
+                                           ) from e
+    finally:
+        if old is None:
+            os.environ.pop("nnUNet_extTrainer")
+
+
+def _format_seconds(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60}h{minutes % 60:02d}" if minutes >= 60 else f"{minutes} min"
+
+
+class Progress:
+    """'run i of n', elapsed time, and an estimate of what is left from the runs trained in this invocation."""
+
+    def __init__(self, total: int):
+        self.total, self.started, self.durations = total, time.time(), []
+
+    def line(self, index: int, message: str) -> str:
+        elapsed = time.time() - self.started
+        left = self.total - index + 1
+        estimate = (f", about {_format_seconds(left * sum(self.durations) / len(self.durations))} left"
+                    if self.durations else "")
+        return f"[{time.strftime('%H:%M:%S')}] run {index} of {self.total}: {message} (elapsed " \
+               f"{_format_seconds(elapsed)}{estimate})"
+
+
+def train(run: Run) -> None:
+    plan = run.plan
+    args = ["nnUNetv2_train", plan.dataset, plan.configuration, str(plan.fold), "-tr", plan.trainer_class(run.trainer),
+            "-p", plan.plans, "-device", plan.device]
+    if (run.fold_folder / "checkpoint_final.pth").is_file():
+        args.append("--val")  # trained, but the final validation did not finish
+    elif (run.fold_folder / "checkpoint_latest.pth").is_file():
+        args.append("--c")
+    env = _command_environment({**plan.environment(), ENV_SEED: str(run.seed),
+                                "nnUNet_results": str(run.results_root)})
+    _run_command(args, env, run.log_file)
+
+
+def predict_and_evaluate(model_folder: Path, results_root: Path, trainer_class: str, plan: StudyPlan,
+                         output: Path, log_file: Path) -> None:
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder2
+
+    if (output / "summary.json").is_file():
+        return
+    plans = model_folder.name.split("__")[1]
+    args = ["nnUNetv2_predict", "-i", plan.test_images, "-o", str(output), "-d", plan.dataset,
+            "-c", plan.configuration, "-f", str(plan.fold), "-tr", trainer_class, "-p", plans, "-device",
+            plan.device, "-npp", "1", "-nps", "1", "--disable_progress_bar"]
+    _run_command(args, _command_environment({"nnUNet_results": str(results_root)}), log_file)
+    compute_metrics_on_folder2(plan.test_labels, str(output), str(model_folder / "dataset.json"),
+                               str(model_folder / "plans.json"), str(output / "summary.json"), num_processes=1)
+
+
+def run_study(plan: StudyPlan, study: Path, report: bool = True, time_cases: int = 3) -> Path | None:
+    """Train, validate and test every run that is not done yet, then write the report. Returns the report's path."""
+    study = study.resolve()
+    check_inputs(plan)
+    save_or_check_plan(plan, study)
+    runs = plan_runs(plan, study)
+    progress = Progress(len(runs))
+    print(f"study of {len(plan.trainers)} trainers x {len(plan.seeds)} seeds in {study} (baseline: {plan.trainers[0]})",
+          flush=True)
+    for index, run in enumerate(runs, 1):
+        what = f"seed {run.seed}, {plan.trainer_class(run.trainer)}"
+        if run.trained and run.tested:
+            print(progress.line(index, f"{what}: done"), flush=True)
+            continue
+        if not run.trained:
+            print(progress.line(index, f"{what}: training (log: {run.log_file})"), flush=True)
+            started = time.time()
+            train(run)
+            progress.durations.append(time.time() - started)
+        if not run.tested:
+            print(progress.line(index, f"{what}: predicting the test set"), flush=True)
+            predict_and_evaluate(run.model_folder, run.results_root, plan.trainer_class(run.trainer), plan,
+                                 run.test_predictions, run.log_file)
+    if plan.test_images is not None:
+        teacher = Path(plan.teacher)
+        predict_and_evaluate(teacher, teacher.parents[1], teacher.name.split("__")[0], plan,
+                             study / "predictions" / "teacher", study / "logs" / "teacher_predict.log")
+    if not report:
+        return None
+    from nnunet_kd.study_report import write_report
+
+    return write_report(plan, study, time_cases=time_cases)

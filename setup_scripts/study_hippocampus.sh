@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Does distillation pay off on real data? MSD Task04 Hippocampus in nnU-Net's 2d configuration, sized for a CPU:
+# conversion, planning, a batch-32 plans variant, the teacher, student plans, then `nnunet_kd study` and its report.
+#
+# Usage: bash setup_scripts/study_hippocampus.sh MSD_FOLDER [WORKDIR]
+#   MSD_FOLDER  the Medical Segmentation Decathlon's Task04_Hippocampus folder (imagesTr, labelsTr, dataset.json)
+#   WORKDIR     nnU-Net folders, logs and the studies (default: study_hippocampus)
+# Environment (defaults in brackets):
+#   WIDTHS ["0.25"]   student widths; one study per width, in WORKDIR/study_w<width>
+#   TRAINERS ["nnUNetTrainerStudent nnUNetTrainerKDLogits"]   the first is the no-KD baseline
+#   SEEDS ["0 1 2"]   EPOCHS [60] x ITERATIONS [50]: the students' schedule   DEVICE [cpu]
+# Re-running continues where it stopped; more TRAINERS or SEEDS later extend the same study.
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# the environment setup_scripts/install.sh made, unless another one is active
+[ -z "${VIRTUAL_ENV:-}" ] && [ -x "$repo/.venv/bin/nnunet_kd" ] && export PATH="$repo/.venv/bin:$PATH"
+source_dir=$(cd "${1:?give the MSD Task04_Hippocampus folder}" && pwd)
+work=$(mkdir -p "${2:-study_hippocampus}" && cd "${2:-study_hippocampus}" && pwd)
+widths=${WIDTHS:-0.25}
+trainers=${TRAINERS:-nnUNetTrainerStudent nnUNetTrainerKDLogits}
+seeds=${SEEDS:-0 1 2}
+epochs=${EPOCHS:-60} iterations=${ITERATIONS:-50} device=${DEVICE:-cpu}
+
+export nnUNet_raw=$work/raw nnUNet_preprocessed=$work/preprocessed nnUNet_results=$work/results
+export nnUNet_extTrainer=${nnUNet_extTrainer:-$repo/trainers}
+# two CPU cores: two augmentation workers keep the network busy without starving it
+export nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-2}
+id=4 dataset=Dataset004_Hippocampus cfg=2d plans=nnUNetPlans_bs32 teacher=nnUNetTrainer_40x50
+mkdir -p "$nnUNet_raw" "$work/logs"
+step() { echo "[$(date +%H:%M:%S)] $*"; }
+
+if [ ! -f "$nnUNet_raw/$dataset/dataset.json" ]; then
+  step "converting $source_dir"; nnUNetv2_convert_MSD_dataset -i "$source_dir" -overwrite_id $id
+fi
+if [ ! -f "$nnUNet_preprocessed/$dataset/nnUNetPlans.json" ]; then
+  step "planning and preprocessing ($cfg)"
+  nnUNetv2_plan_and_preprocess -d $id -c $cfg --verify_dataset_integrity -np 2 > "$work/logs/plan.log"
+fi
+# nnU-Net plans the 2d batch as large as 5 % of the dataset allows (309 here): a CPU wants 32. Same data_identifier,
+# so the variant trains on the data just preprocessed.
+python - "$nnUNet_preprocessed/$dataset" "$plans" <<'PY'
+import json, sys, pathlib
+folder, name = pathlib.Path(sys.argv[1]), sys.argv[2]
+plans = json.loads((folder / "nnUNetPlans.json").read_text())
+plans["plans_name"] = name
+plans["configurations"]["2d"]["batch_size"] = 32
+target = folder / f"{name}.json"
+if not target.is_file() or json.loads(target.read_text()) != plans:
+    target.write_text(json.dumps(plans, indent=4))
+PY
+
+teacher_fold=$nnUNet_results/$dataset/${teacher}__${plans}__${cfg}/fold_0
+if [ ! -f "$teacher_fold/validation/summary.json" ]; then
+  resume=(); [ -f "$teacher_fold/checkpoint_latest.pth" ] && resume=(--c)
+  step "training the teacher: $teacher -p $plans (log: $work/logs/teacher.log)"
+  nnUNetv2_train $id $cfg 0 -tr $teacher -p $plans -device "$device" "${resume[@]}" >> "$work/logs/teacher.log" 2>&1
+fi
+grep -h "Mean Validation Dice" "$work/logs/teacher.log" | tail -1 || true
+
+for width in $widths; do
+  nnunet_kd student-plans $id -c $cfg -p $plans --width "$width"
+  # shellcheck disable=SC2086  # word splitting of the lists is intended
+  nnunet_kd study $id -c $cfg -p "${plans}_KDStudent_w${width}" --teacher "${teacher}__${plans}__${cfg}" \
+    --trainers $trainers --seeds $seeds --epochs "$epochs" --iterations "$iterations" --val-iterations 10 \
+    --device "$device" -o "$work/study_w${width}"
+done

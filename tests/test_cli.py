@@ -1,0 +1,32 @@
+"""Command-line errors are one clear line (exit 2), never a traceback."""
+import pytest
+
+from nnunet_kd.cli import main
+
+
+@pytest.fixture
+def empty_nnunet_folders(tmp_path, monkeypatch):
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (tmp_path / name).mkdir()
+        monkeypatch.setenv(name, str(tmp_path / name))
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv", [
+    ["student-plans", "4", "--width", "0.25"],
+    ["study", "4", "-p", "nnUNetPlans_KDStudent_w0.25", "--teacher", "/nowhere"],
+    ["subset-channels", "4", "--channels", "FLAIR", "--dataset-id", "5"],
+])
+def test_an_unknown_dataset_is_one_line(empty_nnunet_folders, capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Dataset 4 not found" in err and "Traceback" not in err
+
+
+def test_report_without_workspace_says_where_it_looked(tmp_path, monkeypatch, capsys):
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["report"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "nnunet_kd_demo") in err and "relative to the current folder" in err
