@@ -88,17 +88,20 @@ def bench_step(dataset: str, configuration: str, plans: str, trainers: Sequence[
     """
     from nnunetv2.run.run_training import get_trainer_from_args
 
+    from nnunet_kd.teacher import TeacherSpec
     from nnunet_kd.trainer import nnUNetTrainerKD
 
     torch_device = torch.device(device)
-    with tempfile.TemporaryDirectory() as scratch, \
-            _environment(nnUNet_results=scratch, nnUNet_KD_teacher=os.path.abspath(teacher_folder)):
+    teacher_spec = TeacherSpec(os.path.abspath(teacher_folder), (fold,), "checkpoint_final.pth")
+    # nnU-Net creates each trainer's output folder and log file under nnUNet_results: a scratch folder keeps the
+    # user's results untouched
+    with tempfile.TemporaryDirectory() as scratch, _environment(nnUNet_results=scratch):
         instances = {}
         for name in trainers:
             trainer = get_trainer_from_args(dataset, configuration, fold, name, plans, device=torch_device)
             trainer.initialize()
             if isinstance(trainer, nnUNetTrainerKD):
-                trainer._prepare_distillation()
+                trainer.prepare_distillation(teacher=teacher_spec)
             if hasattr(trainer, "grow_to"):
                 trainer.grow_to(len(trainer.schedule) - 1)  # a growing assistant costs most at its widest: time that
             trainer.network.train()

@@ -216,7 +216,7 @@ def study_command(args: argparse.Namespace) -> None:
     if args.report_only:
         write_report(plan, output.resolve(), time_cases=args.time_cases)
     else:
-        run_study(plan, output, time_cases=args.time_cases)
+        run_study(plan, output, time_cases=args.time_cases, jobs=args.jobs)
     print(f"report: {output.resolve() / 'report.md'}")
 
 
@@ -342,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-cases", type=int, default=3, help="validation cases to time per model on the CPU (0: skip)")
     p.add_argument("-o", "--output", default=None,
                    help="study folder (default: study_<dataset>_<configuration>_<plans>); re-running continues it")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (e.g. several small students on one "
+                                                       "GPU; default: 1)")
     p.add_argument("--report-only", action="store_true", help="write the report from the runs finished so far")
     p.set_defaults(func=study_command)
 

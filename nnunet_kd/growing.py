@@ -1,5 +1,5 @@
 """Width slicing of one master U-Net, for the growing teacher-assistant trainer (this project's design, inspired by
-Xu et al. 2021; KD_METHODS.md section 2).
+Xu et al. 2021; README, "Growing teacher-assistant KD").
 
 One master network holds the weights at the assistant's maximum width. A narrower network of the same architecture
 (the student, or the assistant at its current width) is the slice made of the first channels of every layer; it runs

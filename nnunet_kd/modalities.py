@@ -17,8 +17,9 @@ from torch import nn
 
 from nnunet_kd.cpu_inference import build_network_with_onednn
 from nnunet_kd.errors import KDConfigurationError
+from nnunet_kd.settings import ENV_PREFIX
 
-ENV_STUDENT_CHANNELS = "nnUNet_KD_student_channels"
+ENV_STUDENT_CHANNELS = ENV_PREFIX + "student_channels"
 
 
 def channel_names(dataset_json: dict) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from nnunet_kd.errors import KDConfigurationError
+from nnunet_kd.settings import RunEnvironment
 
 # named schedules: `<trainer>_<name>` classes (trainers/nnUNetTrainer_schedules.py) set these attributes after
 # nnUNetTrainer.__init__
@@ -23,32 +23,10 @@ SCHEDULES = {
        for e in (20, 40, 60, 100) for i in (50,)},
 }
 
-ENV_NUM_EPOCHS = "nnUNet_KD_num_epochs"
-ENV_ITERATIONS_PER_EPOCH = "nnUNet_KD_iterations_per_epoch"
-ENV_VAL_ITERATIONS_PER_EPOCH = "nnUNet_KD_val_iterations_per_epoch"
-SCHEDULE_ATTRIBUTES = {ENV_NUM_EPOCHS: "num_epochs", ENV_ITERATIONS_PER_EPOCH: "num_iterations_per_epoch",
-                       ENV_VAL_ITERATIONS_PER_EPOCH: "num_val_iterations_per_epoch"}
-
-
-def schedule_from_environment(environ: Mapping[str, str] = os.environ) -> dict[str, int]:
-    """The trainer attributes the schedule variables ask for, e.g. {'num_epochs': 40}; {} when none is set."""
-    schedule = {}
-    for name, attribute in SCHEDULE_ATTRIBUTES.items():
-        raw = environ.get(name)
-        if not raw:
-            continue
-        try:
-            value = int(raw)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise KDConfigurationError(f"{name}={raw!r} must be a whole number >= 1.")
-        schedule[attribute] = value
-    return schedule
-
 
 def apply_schedule_from_environment(trainer, environ: Mapping[str, str] = os.environ) -> dict[str, int]:
-    schedule = schedule_from_environment(environ)
+    """Set the trainer's training length from the schedule variables; returns what was set."""
+    schedule = dict(RunEnvironment.read(environ).schedule)
     for attribute, value in schedule.items():
         setattr(trainer, attribute, value)
     return schedule

@@ -1,4 +1,9 @@
-"""Distillation settings: class defaults (nnU-Net-style trainer variants), overridable by environment variables."""
+"""Every `nnUNet_KD_*` variable this package reads, read and parsed here and nowhere else.
+
+Two kinds: the run variables every trainer of the package shares (teacher, seed, training length; `RunEnvironment`),
+and each method's settings, dataclasses whose fields are class defaults (nnU-Net-style trainer variants) overridable
+by `nnUNet_KD_<field>`. Lists and booleans are parsed by the helpers below, once.
+"""
 from __future__ import annotations
 
 import json
@@ -13,6 +18,18 @@ from nnunet_kd.errors import KDConfigurationError
 ENV_PREFIX = "nnUNet_KD_"
 SETTINGS_FILE = "kd_settings.json"
 
+ENV_TEACHER = ENV_PREFIX + "teacher"
+ENV_TEACHER_FOLDS = ENV_PREFIX + "teacher_folds"
+ENV_TEACHER_CHECKPOINT = ENV_PREFIX + "teacher_checkpoint"
+ENV_SEED = ENV_PREFIX + "seed"
+ENV_NUM_EPOCHS = ENV_PREFIX + "num_epochs"
+ENV_ITERATIONS_PER_EPOCH = ENV_PREFIX + "iterations_per_epoch"
+ENV_VAL_ITERATIONS_PER_EPOCH = ENV_PREFIX + "val_iterations_per_epoch"
+# training-length variable -> the nnUNetTrainer attribute it sets
+SCHEDULE_VARIABLES = {ENV_NUM_EPOCHS: "num_epochs", ENV_ITERATIONS_PER_EPOCH: "num_iterations_per_epoch",
+                      ENV_VAL_ITERATIONS_PER_EPOCH: "num_val_iterations_per_epoch"}
+RUN_VARIABLES = (ENV_TEACHER, ENV_TEACHER_FOLDS, ENV_TEACHER_CHECKPOINT, ENV_SEED, *SCHEDULE_VARIABLES)
+
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
@@ -21,6 +38,76 @@ def _require(condition: bool, message: str) -> None:
 
 def _is_finite_at_least(value: float, minimum: float, strict: bool = False) -> bool:
     return math.isfinite(value) and (value > minimum if strict else value >= minimum)
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def parse_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    _require(value in _TRUE + _FALSE, f"{name}={raw!r} is not true or false")
+    return value in _TRUE
+
+
+def parse_list(raw: str) -> list[str]:
+    """'0,1, 2' or '0 1 2' -> ['0', '1', '2']."""
+    return [item for item in raw.replace(",", " ").split() if item]
+
+
+def parse_numbers(name: str, raw: str) -> list[float]:
+    try:
+        return [float(x) for x in parse_list(raw)]
+    except ValueError as e:
+        raise KDConfigurationError(f"{name}={raw!r} must be comma-separated numbers") from e
+
+
+def parse_folds(raw: str) -> tuple[int | str, ...]:
+    folds = parse_list(raw)
+    _require(bool(folds), f"{ENV_TEACHER_FOLDS}={raw!r} names no fold. Use e.g. '0', '0,1,2,3,4' or 'all'.")
+    try:
+        return tuple(f if f == "all" else int(f) for f in folds)
+    except ValueError as e:
+        raise KDConfigurationError(f"{ENV_TEACHER_FOLDS}={raw!r} is not a fold list. Use e.g. '0', '0,1,2,3,4' or "
+                                   f"'all'.") from e
+
+
+def _whole_number(name: str, raw: str, minimum: int) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    _require(value >= minimum, f"{name}={raw!r} must be a whole number >= {minimum}.")
+    return value
+
+
+@dataclass(frozen=True)
+class RunEnvironment:
+    """The run variables every trainer of this package reads (None: unset).
+
+    teacher, teacher_folds, teacher_checkpoint: the teacher model folder (a `trainer__plans__configuration` name under
+    `$nnUNet_results/<dataset>` or an absolute path), its fold(s) (several form an ensemble) and checkpoint file.
+    seed: seeds Python, NumPy and torch when a trainer starts. num_epochs, iterations_per_epoch,
+    val_iterations_per_epoch: training length, for lengths no named schedule class covers.
+    """
+
+    teacher: str | None = None
+    teacher_folds: tuple[int | str, ...] | None = None
+    teacher_checkpoint: str | None = None
+    seed: int | None = None
+    schedule: tuple[tuple[str, int], ...] = ()  # (nnUNetTrainer attribute, value) pairs
+
+    @classmethod
+    def read(cls, environ: Mapping[str, str] = os.environ) -> RunEnvironment:
+        def get(name: str) -> str | None:
+            return environ.get(name) or None
+
+        return cls(
+            teacher=get(ENV_TEACHER),
+            teacher_folds=parse_folds(get(ENV_TEACHER_FOLDS)) if get(ENV_TEACHER_FOLDS) else None,
+            teacher_checkpoint=get(ENV_TEACHER_CHECKPOINT),
+            seed=_whole_number(ENV_SEED, get(ENV_SEED), 0) if get(ENV_SEED) else None,
+            schedule=tuple((attribute, _whole_number(name, get(name), 1))
+                           for name, attribute in SCHEDULE_VARIABLES.items() if get(name)))
 
 
 @dataclass(frozen=True)
@@ -39,6 +126,9 @@ class BaseKDSettings:
             if value is None or value == "":
                 continue
             kind = type(getattr(self, f.name))
+            if kind is bool:  # bool("false") is True
+                changes[f.name] = parse_bool(ENV_PREFIX + f.name, value)
+                continue
             try:
                 changes[f.name] = kind(value)
             except ValueError as e:
@@ -49,10 +139,10 @@ class BaseKDSettings:
         return asdict(self)
 
     @classmethod
-    def ignored_environment(cls, environ: Mapping[str, str] = os.environ,
-                            other_known: tuple[str, ...] = ()) -> list[str]:
-        """`nnUNet_KD_*` variables that are set but mean nothing to these settings (typos, another trainer's)."""
-        known = set(cls.env_names().values()) | set(other_known)
+    def ignored_environment(cls, environ: Mapping[str, str] = os.environ) -> list[str]:
+        """`nnUNet_KD_*` variables that are set but mean nothing to these settings or to the run (typos, another
+        trainer's)."""
+        known = set(cls.env_names().values()) | set(RUN_VARIABLES)
         return sorted(k for k, v in environ.items() if k.startswith(ENV_PREFIX) and v and k not in known)
 
 
@@ -124,8 +214,8 @@ class MultiScaleSettings(BaseKDSettings):
         _require(_is_finite_at_least(self.temperature, 0, strict=True),
                  f"KD temperature must be finite and > 0, got {self.temperature}")
         try:
-            weights = [float(w) for w in self.scale_weights.replace(" ", ",").split(",") if w]
-        except ValueError:
+            weights = parse_numbers("scale_weights", self.scale_weights)
+        except KDConfigurationError:
             weights = []
         _require(bool(weights) and all(_is_finite_at_least(w, 0) for w in weights) and sum(weights) > 0,
                  f"KD scale_weights must be comma-separated non-negative numbers with a positive sum, got "
@@ -141,9 +231,6 @@ def write_settings_file(folder: str | Path, record: dict) -> Path:
 def read_settings_file(folder: str | Path) -> dict | None:
     path = Path(folder) / SETTINGS_FILE
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 @dataclass(frozen=True)
@@ -169,14 +256,3 @@ class BarlowTwinsSettings(BaseKDSettings):
             value = getattr(self, name)
             _require(_is_finite_at_least(value, 0), f"KD {name} must be finite and >= 0, got {value}")
         _require(self.projector_dim >= 0, f"KD projector_dim must be >= 0 (0: no projector), got {self.projector_dim}")
-
-    def with_environment(self, environ: Mapping[str, str] = os.environ) -> BarlowTwinsSettings:
-        # bool("false") is True, so booleans are parsed here rather than by the base class
-        flags, others = {}, dict(environ)
-        for f in fields(self):
-            if isinstance(getattr(self, f.name), bool) and environ.get(ENV_PREFIX + f.name):
-                raw = others.pop(ENV_PREFIX + f.name)
-                value = raw.strip().lower()
-                _require(value in _TRUE + _FALSE, f"{ENV_PREFIX}{f.name}={raw!r} is not true or false")
-                flags[f.name] = value in _TRUE
-        return replace(super().with_environment(others), **flags)

@@ -21,9 +21,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from nnunet_kd.errors import KDConfigurationError
-from nnunet_kd.schedule import ENV_ITERATIONS_PER_EPOCH, ENV_NUM_EPOCHS, ENV_VAL_ITERATIONS_PER_EPOCH
-from nnunet_kd.seeding import ENV_SEED
-from nnunet_kd.teacher import ENV_TEACHER
+from nnunet_kd.settings import (
+    ENV_ITERATIONS_PER_EPOCH,
+    ENV_NUM_EPOCHS,
+    ENV_SEED,
+    ENV_TEACHER,
+    ENV_VAL_ITERATIONS_PER_EPOCH,
+)
 
 STUDY_FILE = "study.json"
 TRAINERS_FOLDER = Path(__file__).resolve().parents[1] / "trainers"
@@ -127,6 +131,21 @@ def save_or_check_plan(plan: StudyPlan, study: Path) -> None:
                                        f"settings.")
     study.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(plan.to_json(), indent=2))
+    with open(study / "machines.txt", "a") as f:  # one line per invocation: a study may span several sessions
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M')} {machine_description(plan.device)}\n")
+
+
+def machine_description(device: str) -> str:
+    """What trained the runs: device name, CPU cores, torch and nnU-Net versions (recorded with the study)."""
+    import platform
+    from importlib.metadata import version
+
+    import torch
+
+    where = (torch.cuda.get_device_name(0) if device == "cuda" and torch.cuda.is_available()
+             else f"CPU ({platform.processor() or platform.machine()})")
+    return (f"{where}, {os.cpu_count()} CPU cores, torch {torch.__version__}, nnunetv2 {version('nnunetv2')}, "
+            f"nnunet-kd {version('nnunet-kd')}")
 
 
 def _jsonable(value):
@@ -213,13 +232,13 @@ def _format_seconds(seconds: float) -> str:
 class Progress:
     """'run i of n', elapsed time, and an estimate of what is left from the runs trained in this invocation."""
 
-    def __init__(self, total: int):
-        self.total, self.started, self.durations = total, time.time(), []
+    def __init__(self, total: int, jobs: int = 1):
+        self.total, self.jobs, self.started, self.durations = total, max(1, jobs), time.time(), []
 
     def line(self, index: int, message: str) -> str:
         elapsed = time.time() - self.started
         left = self.total - index + 1
-        estimate = (f", about {_format_seconds(left * sum(self.durations) / len(self.durations))} left"
+        estimate = (f", about {_format_seconds(left * sum(self.durations) / len(self.durations) / self.jobs)} left"
                     if self.durations else "")
         return f"[{time.strftime('%H:%M:%S')}] run {index} of {self.total}: {message} (elapsed " \
                f"{_format_seconds(elapsed)}{estimate})"
@@ -253,29 +272,41 @@ def predict_and_evaluate(model_folder: Path, results_root: Path, trainer_class: 
                                str(model_folder / "plans.json"), str(output / "summary.json"), num_processes=1)
 
 
-def run_study(plan: StudyPlan, study: Path, report: bool = True, time_cases: int = 3) -> Path | None:
-    """Train, validate and test every run that is not done yet, then write the report. Returns the report's path."""
+def run_study(plan: StudyPlan, study: Path, report: bool = True, time_cases: int = 3, jobs: int = 1) -> Path | None:
+    """Train, validate and test every run that is not done yet, then write the report. Returns the report's path.
+
+    `jobs` > 1 trains that many runs at once (a GPU with room for several small students); runs still start in
+    seed order.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     study = study.resolve()
     check_inputs(plan)
     save_or_check_plan(plan, study)
     runs = plan_runs(plan, study)
-    progress = Progress(len(runs))
+    progress = Progress(len(runs), jobs)
     print(f"study of {len(plan.trainers)} trainers x {len(plan.seeds)} seeds in {study} (baseline: {plan.trainers[0]})",
           flush=True)
-    for index, run in enumerate(runs, 1):
+
+    def complete(index: int, run: Run) -> None:
         what = f"seed {run.seed}, {plan.trainer_class(run.trainer)}"
         if run.trained and run.tested:
             print(progress.line(index, f"{what}: done"), flush=True)
-            continue
+            return
         if not run.trained:
             print(progress.line(index, f"{what}: training (log: {run.log_file})"), flush=True)
             started = time.time()
             train(run)
             progress.durations.append(time.time() - started)
+            print(progress.line(index, f"{what}: trained in {_format_seconds(time.time() - started)}"), flush=True)
         if not run.tested:
             print(progress.line(index, f"{what}: predicting the test set"), flush=True)
             predict_and_evaluate(run.model_folder, run.results_root, plan.trainer_class(run.trainer), plan,
                                  run.test_predictions, run.log_file)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for future in [pool.submit(complete, index, run) for index, run in enumerate(runs, 1)]:
+            future.result()  # the first failure stops the study (runs already started finish)
     if plan.test_images is not None:
         teacher = Path(plan.teacher)
         predict_and_evaluate(teacher, teacher.parents[1], teacher.name.split("__")[0], plan,

@@ -163,7 +163,13 @@ def _mean_sd(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
 
 
-def format_markdown(plan: StudyPlan, results: dict[str, TrainerResult], teacher: dict[str, CaseScores],
+def study_machines(study: Path) -> list[str]:
+    path = study / "machines.txt"
+    return sorted({line.split(" ", 2)[2] for line in path.read_text().splitlines() if line.count(" ") >= 2}) \
+        if path.is_file() else []
+
+
+def format_markdown(plan: StudyPlan, study: Path, results: dict[str, TrainerResult], teacher: dict[str, CaseScores],
                     compared: dict, costs: list[dict]) -> str:
     baseline = plan.trainers[0]
     classes = teacher["validation"].classes
@@ -173,6 +179,9 @@ def format_markdown(plan: StudyPlan, results: dict[str, TrainerResult], teacher:
              f"Teacher `{Path(plan.teacher).name}`; baseline (no KD) `{baseline}`; seeds {list(plan.seeds)}; "
              f"{schedule}; fold {plan.fold}; device {plan.device}. Each seed starts every trainer from the same "
              f"initial student weights.", ""]
+    machines = study_machines(study)
+    if machines:
+        lines += ["Trained on: " + "; ".join(machines), ""]
     for split, title in SPLITS.items():
         if split not in teacher:
             continue
@@ -305,7 +314,7 @@ def write_report(plan: StudyPlan, study: Path, time_cases: int = 3, num_resample
     results, teacher, _ = collect(plan, study)
     compared = comparisons(results, teacher, plan.trainers[0], num_resamples)
     costs = _model_costs(plan, study, results, time_cases) if time_cases > 0 else []
-    markdown = format_markdown(plan, results, teacher, compared, costs)
+    markdown = format_markdown(plan, study, results, teacher, compared, costs)
     (study / "report.md").write_text(markdown)
     write_csv(study / "per_case_dice.csv", results, teacher)
     summary = {split: {name: {"seeds": seeds, "mean_difference": c.mean_difference, "ci95": [c.ci_low, c.ci_high],

@@ -19,10 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_kd.errors import KDConfigurationError
+from nnunet_kd.settings import ENV_TEACHER, ENV_TEACHER_CHECKPOINT, ENV_TEACHER_FOLDS, RunEnvironment
 
-ENV_TEACHER = "nnUNet_KD_teacher"
-ENV_TEACHER_FOLDS = "nnUNet_KD_teacher_folds"
-ENV_TEACHER_CHECKPOINT = "nnUNet_KD_teacher_checkpoint"
 DEFAULT_TEACHER_TRAINER = "nnUNetTrainer"
 DEFAULT_TEACHER_PLANS = "nnUNetPlans"
 
@@ -40,17 +38,6 @@ class TeacherSpec:
         return asdict(self)
 
 
-def _parse_folds(text: str) -> tuple[int | str, ...]:
-    folds = tuple(f.strip() for f in text.replace(" ", ",").split(",") if f.strip())
-    if not folds:
-        raise KDConfigurationError(f"{ENV_TEACHER_FOLDS}={text!r} names no fold. Use e.g. '0', '0,1,2,3,4' or 'all'.")
-    try:
-        return tuple(f if f == "all" else int(f) for f in folds)
-    except ValueError as e:
-        raise KDConfigurationError(f"{ENV_TEACHER_FOLDS}={text!r} is not a fold list. Use e.g. '0', '0,1,2,3,4' or "
-                                   f"'all'.") from e
-
-
 def resolve_teacher_spec(results_folder: str | None, dataset_name: str, configuration: str, fold: int | str,
                          environ: Mapping[str, str] = os.environ) -> TeacherSpec:
     """The teacher to use: by default the stock nnUNetTrainer/nnUNetPlans model of the same configuration and fold.
@@ -59,14 +46,15 @@ def resolve_teacher_spec(results_folder: str | None, dataset_name: str, configur
     `$nnUNet_results/<dataset>`), `nnUNet_KD_teacher_folds` one or several folds (several are averaged as an ensemble)
     and `nnUNet_KD_teacher_checkpoint` the checkpoint file name.
     """
-    folder = environ.get(ENV_TEACHER) or f"{DEFAULT_TEACHER_TRAINER}__{DEFAULT_TEACHER_PLANS}__{configuration}"
+    run = RunEnvironment.read(environ)
+    folder = run.teacher or f"{DEFAULT_TEACHER_TRAINER}__{DEFAULT_TEACHER_PLANS}__{configuration}"
     if not os.path.isabs(folder):
         if results_folder is None:
             raise KDConfigurationError("nnUNet_results is not set, so the teacher model folder cannot be found. "
                                        f"Set nnUNet_results, or set {ENV_TEACHER} to an absolute model folder.")
         folder = os.path.join(results_folder, dataset_name, folder)
-    folds = _parse_folds(environ[ENV_TEACHER_FOLDS]) if environ.get(ENV_TEACHER_FOLDS) else (fold,)
-    checkpoint = environ.get(ENV_TEACHER_CHECKPOINT) or "checkpoint_final.pth"
+    folds = run.teacher_folds or (fold,)
+    checkpoint = run.teacher_checkpoint or "checkpoint_final.pth"
     return TeacherSpec(os.path.abspath(folder), folds, checkpoint)
 
 

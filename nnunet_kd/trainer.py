@@ -2,33 +2,24 @@
 
 A KD trainer is an ordinary nnUNetTrainer whose network is the student. The teacher is loaded, checked and frozen at
 the start of training, outside `self.network`, so checkpoints, validation and `nnUNetv2_predict` see only the
-student, rebuilt from the plans by the inherited static `build_network_architecture`.
+student, rebuilt from the plans by the inherited static `build_network_architecture`. The run's bookkeeping (seed,
+settings, run record, resume, loss-part logging) is the shared core's (`nnunet_kd.run_core`).
 """
 from __future__ import annotations
 
 import os
 from typing import ClassVar
 
-import numpy as np
 import torch
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
-from torch import distributed as dist
 
-from nnunet_kd import __version__
 from nnunet_kd.cpu_inference import build_network_with_onednn
 from nnunet_kd.errors import KDConfigurationError
 from nnunet_kd.losses import DeepSupervisionKD, kd_scale_weights
-from nnunet_kd.progress import KDLocalLogger
-from nnunet_kd.schedule import SCHEDULE_ATTRIBUTES, apply_schedule_from_environment
-from nnunet_kd.seeding import ENV_SEED, seed_from_environment
-from nnunet_kd.settings import SETTINGS_FILE, BaseKDSettings, KDSettings, read_settings_file, write_settings_file
+from nnunet_kd.run_core import nnUNetTrainerKDRun
+from nnunet_kd.settings import SETTINGS_FILE, BaseKDSettings, KDSettings
 from nnunet_kd.teacher import (
-    ENV_TEACHER,
-    ENV_TEACHER_CHECKPOINT,
-    ENV_TEACHER_FOLDS,
     FrozenTeacher,
     TeacherSpec,
     check_teacher_files,
@@ -37,10 +28,10 @@ from nnunet_kd.teacher import (
     load_teacher,
     resolve_teacher_spec,
 )
-from nnunet_kd.training import backward_and_step, batch_to_device
+from nnunet_kd.training import batch_to_device
 
 
-class nnUNetTrainerKD(nnUNetTrainer):
+class nnUNetTrainerKD(nnUNetTrainerKDRun):
     """`L = w_seg · L_seg(deep supervision) + Σ_k w_k · L_k(student, teacher)`.
 
     Single-term trainers implement `build_kd_loss` (`L = L_seg + alpha · L_KD`, on the scales of the `scales`
@@ -56,15 +47,10 @@ class nnUNetTrainerKD(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.seed = seed_from_environment()
-        apply_schedule_from_environment(self)
-        self.kd_settings = self.kd_defaults.with_environment()
         self.teacher_spec = resolve_teacher_spec(os.environ.get("nnUNet_results"), self.plans_manager.dataset_name,
                                                  configuration, fold)
         self.teacher: FrozenTeacher | None = None
         self.kd_terms: dict[str, tuple[nn.Module, float]] = {}
-        self._recorded_run: dict | None = None  # what kd_settings.json said when resuming
-        self.logger.local_logger = KDLocalLogger([f"train_{p}" for p in self.kd_loss_parts])
 
     def build_kd_loss(self, activation: str) -> nn.Module:
         """The per-output KD loss `(student_logits, teacher_logits) -> scalar`; 'softmax' or 'sigmoid' outputs."""
@@ -82,38 +68,47 @@ class nnUNetTrainerKD(nnUNetTrainer):
     # nnU-Net's network from the plans, with convolutions that stay fast on the CPU for small students
     build_network_architecture = staticmethod(build_network_with_onednn)
 
-    # ---- start-up: everything that can be wrong is checked before nnU-Net writes a file or runs a step ----
+    # ---- start-up: everything that can be wrong is checked before a data loader, checkpoint or step ----
     def on_train_start(self):
         if not self.was_initialized:
             self.initialize()  # builds the student only: cheap, and needed to report its size
-        self._prepare_distillation()
+        self.prepare_distillation()
         super().on_train_start()
 
-    def _prepare_distillation(self) -> None:
-        dataset, configuration = self.plans_manager.dataset_name, self.configuration_name
-        ignored = self.kd_defaults.ignored_environment(
-            other_known=(ENV_TEACHER, ENV_TEACHER_FOLDS, ENV_TEACHER_CHECKPOINT, ENV_SEED, *SCHEDULE_ATTRIBUTES))
-        if ignored:
-            self.print_to_log_file(f"WARNING: {ignored} are set but {type(self).__name__} does not use them.")
-        if self.current_epoch > 0 and self._recorded_run is None:
-            raise KDConfigurationError(f"Cannot resume exactly: {SETTINGS_FILE} is missing from {self.output_folder}."
-                                       f" Restore it, or start a new training without --c.")
-        check_teacher_files(self.teacher_spec, dataset, configuration)
+    def prepare_distillation(self, teacher: TeacherSpec | None = None) -> None:
+        """Check the run and the teacher, load the teacher, build the KD terms and write the run record.
+
+        `teacher` replaces the one the environment named (tools such as `nnunet_kd bench` pass it explicitly).
+        """
+        if teacher is not None:
+            self.teacher_spec = teacher
+        self.check_run_environment()
+        checksums = self.check_teacher()
+        self.load_frozen_teacher()
+        self.save_run_record(self.run_record(**self.distillation_record(checksums)))
+
+    def check_teacher(self) -> list[str]:
+        """The teacher's files exist and, on --c, are the ones the run started with; returns their SHA-256."""
+        check_teacher_files(self.teacher_spec, self.plans_manager.dataset_name, self.configuration_name)
         checksums = [file_sha256(p) for p in self.teacher_spec.checkpoint_paths()]
-        if self._recorded_run is not None and checksums != self._recorded_run["teacher"]["checkpoint_sha256"]:
+        if self.recorded_run is not None and checksums != self.recorded_run["teacher"]["checkpoint_sha256"]:
             raise KDConfigurationError(
                 f"The teacher checkpoint(s) {[str(p) for p in self.teacher_spec.checkpoint_paths()]} changed since "
                 f"this training started, so resuming with --c would not continue the same run. Restore the original "
                 f"teacher, or start a new training without --c.")
+        return checksums
 
+    def load_frozen_teacher(self) -> None:
+        """Load the teacher, refuse it if it would see other voxels or mean other things, build the KD terms."""
         teacher = load_teacher(self.teacher_spec, self.device, self.teacher_deep_supervision)
         problems = compatibility_problems(teacher.plans_manager, teacher.configuration_manager, teacher.dataset_json,
                                           self.plans_manager, self.configuration_manager, self.dataset_json)
         if problems:
             raise KDConfigurationError(f"The teacher {self.teacher_spec.model_folder} cannot teach this student "
-                                       f"({self.plans_manager.plans_name}, {configuration}):\n  - "
+                                       f"({self.plans_manager.plans_name}, {self.configuration_name}):\n  - "
                                        + "\n  - ".join(problems))
         self.teacher = teacher.module
+        self._loaded_teacher = teacher
         num_outputs = len(self._get_deep_supervision_scales()) if self.enable_deep_supervision else 1
         activation = "sigmoid" if self.label_manager.has_regions else "softmax"
         self.kd_terms = self.build_kd_terms(activation, num_outputs)
@@ -121,15 +116,13 @@ class nnUNetTrainerKD(nnUNetTrainer):
             raise RuntimeError(f"{type(self).__name__}.kd_loss_parts {self.kd_loss_parts} must start with 'seg_loss' "
                                f"and the KD terms {list(self.kd_terms)}")
 
+    def distillation_record(self, checksums: list[str]) -> dict:
+        """The run record's sections for a frozen-teacher run; also logged."""
+        teacher = self._loaded_teacher
         padding = self.teacher.padding_for(self.configuration_manager.patch_size)
+        activation = "sigmoid" if self.label_manager.has_regions else "softmax"
         student_parameters = sum(p.numel() for p in self.network.parameters())
         record = {
-            "trainer": type(self).__name__,
-            "nnunet_kd_version": __version__,
-            "seed": self.seed,
-            "schedule": {"num_epochs": self.num_epochs, "num_iterations_per_epoch": self.num_iterations_per_epoch,
-                         "num_val_iterations_per_epoch": self.num_val_iterations_per_epoch},
-            "settings": self.kd_settings.to_json(),
             "loss": {"activation": activation, "seg_weight": self.seg_loss_weight,
                      "terms": {name: {"weight": weight, "weights_per_output": getattr(module, "weights", None)}
                                for name, (module, weight) in self.kd_terms.items()}},
@@ -139,13 +132,13 @@ class nnUNetTrainerKD(nnUNetTrainer):
                         "patch_size": list(teacher.configuration_manager.patch_size),
                         "num_parameters": teacher.num_parameters, "checkpoint_sha256": checksums,
                         "input_padding": padding},
-            "student": {"plans": self.plans_manager.plans_name, "configuration": configuration,
+            "student": {"plans": self.plans_manager.plans_name, "configuration": self.configuration_name,
                         "patch_size": list(self.configuration_manager.patch_size),
                         "num_parameters": student_parameters},
             **self.kd_record_extras(),
         }
-        self.print_to_log_file(f"Knowledge distillation ({type(self).__name__}): settings {record['settings']}, "
-                               f"loss {record['loss']}\n"
+        self.print_to_log_file(f"Knowledge distillation ({type(self).__name__}): settings "
+                               f"{self.kd_settings.to_json()}, loss {record['loss']}\n"
                                f"teacher {self.teacher_spec.model_folder} folds {list(self.teacher_spec.folds)} "
                                f"{self.teacher_spec.checkpoint_name}: {teacher.num_parameters:,} parameters; "
                                f"student: {student_parameters:,} parameters", also_print_to_console=True)
@@ -154,31 +147,21 @@ class nnUNetTrainerKD(nnUNetTrainer):
                                    f"multiple of the teacher's stride {self.teacher.divisor}; teacher inputs are "
                                    f"zero-padded by {padding} voxels and its logits cropped back.",
                                    also_print_to_console=True)
-        if self.local_rank == 0:
-            write_settings_file(self.output_folder, record)
+        return record
 
     def kd_record_extras(self) -> dict:
         """What a trainer adds to kd_settings.json besides the settings, the loss, the teacher and the student."""
         return {}
 
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        # the recorded settings first: they may shape what loading builds (e.g. the growing assistant's master network)
-        self._adopt_recorded_settings()
-        super().load_checkpoint(filename_or_checkpoint)
-
-    def _adopt_recorded_settings(self) -> None:
-        record = read_settings_file(self.output_folder)
-        if record is None:
-            return  # fine for --val; _prepare_distillation refuses to resume training without it
-        self._recorded_run = record
-        recorded_settings = type(self.kd_defaults)(**record["settings"])
-        recorded_teacher = TeacherSpec(record["teacher"]["model_folder"], tuple(record["teacher"]["folds"]),
-                                       record["teacher"]["checkpoint_name"])
-        if (recorded_settings, recorded_teacher) != (self.kd_settings, self.teacher_spec):
-            self.print_to_log_file(f"Resuming with the settings this training started with ({SETTINGS_FILE}): "
-                                   f"{recorded_settings}, teacher {recorded_teacher}; the current environment asked "
-                                   f"for {self.kd_settings}, teacher {self.teacher_spec}.", also_print_to_console=True)
-        self.kd_settings, self.teacher_spec = recorded_settings, recorded_teacher
+    def adopt_recorded_run(self, record: dict) -> None:
+        super().adopt_recorded_run(record)
+        recorded = TeacherSpec(record["teacher"]["model_folder"], tuple(record["teacher"]["folds"]),
+                               record["teacher"]["checkpoint_name"])
+        if recorded != self.teacher_spec:
+            self.print_to_log_file(f"Resuming with the teacher this training started with ({SETTINGS_FILE}): "
+                                   f"{recorded}; the current environment asked for {self.teacher_spec}.",
+                                   also_print_to_console=True)
+        self.teacher_spec = recorded
 
     # ---- training ----
     def train_step(self, batch: dict) -> dict:
@@ -192,19 +175,4 @@ class nnUNetTrainerKD(nnUNetTrainer):
             parts.update({name: module(output, teacher_output) for name, (module, _) in self.kd_terms.items()})
             loss = self.seg_loss_weight * parts["seg_loss"] + sum(weight * parts[name]
                                                                   for name, (_, weight) in self.kd_terms.items())
-        backward_and_step(loss, self.optimizer, self.grad_scaler)
-        return {"loss": loss.detach().cpu().numpy(), **{k: v.detach().cpu().numpy() for k, v in parts.items()}}
-
-    def on_train_epoch_end(self, train_outputs: list[dict]):
-        super().on_train_epoch_end(train_outputs)
-        outputs = collate_outputs(train_outputs)
-        parts = {}
-        for part in self.kd_loss_parts:
-            values = outputs[part]
-            if self.is_ddp:
-                gathered = [None] * dist.get_world_size()
-                dist.all_gather_object(gathered, values)
-                values = np.vstack(gathered)
-            parts[part] = float(np.mean(values))
-            self.logger.log(f"train_{part}", parts[part], self.current_epoch)
-        self.print_to_log_file(", ".join(f"{k} {v:.4f}" for k, v in parts.items()))
+        return self.finish_step(loss, parts)

@@ -2,7 +2,7 @@
 # Real-data benchmark: teacher, plain student and every KD trainer with one short schedule, then the report.
 #
 # Usage: bash setup_scripts/benchmark_real_data.sh SOURCE [SCHEDULE] [DEVICE] [WORKDIR]
-#   SOURCE   an MSD task folder (e.g. ../shared/data/Task04_Hippocampus; converted with nnUNetv2_convert_MSD_dataset)
+#   SOURCE   an MSD task folder (e.g. Task04_Hippocampus from the Medical Segmentation Decathlon; converted with nnUNetv2_convert_MSD_dataset)
 #            or an nnU-Net raw dataset folder (DatasetXXX_Name with dataset.json)
 #   SCHEDULE 5epochs, 10epochs, 20epochs, 50epochs, 100epochs, 250epochs (nnU-Net's nnUNetTrainer_<N>epochs and
 #            our KD counterparts), or demo / debug (short CPU schedules); see trainers/nnUNetTrainer_schedules.py

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Does distillation pay off on real data? MSD Task04 Hippocampus in nnU-Net's 2d configuration, sized for a CPU:
-# conversion, planning, a batch-32 plans variant, the teacher, student plans, then `nnunet_kd study` and its report.
+# Does distillation pay off on real data? MSD Task04 Hippocampus, by default in nnU-Net's 2d configuration sized for a
+# CPU: conversion, planning, a batch-32 plans variant, the teacher, student plans, then `nnunet_kd study` and its
+# report. setup_scripts/study_hippocampus_gpu.sh runs the same in 3d_fullres on one GPU.
 #
 # Usage: bash setup_scripts/study_hippocampus.sh MSD_FOLDER [WORKDIR]
 #   MSD_FOLDER  the Medical Segmentation Decathlon's Task04_Hippocampus folder (imagesTr, labelsTr, dataset.json)
@@ -8,7 +9,9 @@
 # Environment (defaults in brackets):
 #   WIDTHS ["0.25"]   student widths; one study per width, in WORKDIR/study_w<width>
 #   TRAINERS ["nnUNetTrainerStudent nnUNetTrainerKDLogits"]   the first is the no-KD baseline
-#   SEEDS ["0 1 2"]   EPOCHS [60] x ITERATIONS [50]: the students' schedule   DEVICE [cpu]
+#   SEEDS ["0 1 2"]   EPOCHS [60] x ITERATIONS [50]: the students' schedule   DEVICE [cpu]   JOBS [1]: runs at once
+#   CONFIG [2d]: 2d trains on a batch-32 variant of nnU-Net's plans; 3d_fullres on nnU-Net's own plans
+#   TEACHER_SCHEDULE [40x50]: the teacher is nnUNetTrainer_<TEACHER_SCHEDULE> (trainers/nnUNetTrainer_schedules.py)
 # Re-running continues where it stopped; more TRAINERS or SEEDS later extend the same study.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -19,26 +22,30 @@ work=$(mkdir -p "${2:-study_hippocampus}" && cd "${2:-study_hippocampus}" && pwd
 widths=${WIDTHS:-0.25}
 trainers=${TRAINERS:-nnUNetTrainerStudent nnUNetTrainerKDLogits}
 seeds=${SEEDS:-0 1 2}
-epochs=${EPOCHS:-60} iterations=${ITERATIONS:-50} device=${DEVICE:-cpu}
+epochs=${EPOCHS:-60} iterations=${ITERATIONS:-50} device=${DEVICE:-cpu} jobs=${JOBS:-1}
+cfg=${CONFIG:-2d} teacher=nnUNetTrainer_${TEACHER_SCHEDULE:-40x50}
 
 export nnUNet_raw=$work/raw nnUNet_preprocessed=$work/preprocessed nnUNet_results=$work/results
 export nnUNet_extTrainer=${nnUNet_extTrainer:-$repo/trainers}
 # two CPU cores: two augmentation workers keep the network busy without starving it
 export nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-2}
-id=4 dataset=Dataset004_Hippocampus cfg=2d plans=nnUNetPlans_bs32 teacher=nnUNetTrainer_40x50
+id=4 dataset=Dataset004_Hippocampus
 mkdir -p "$nnUNet_raw" "$work/logs"
 step() { echo "[$(date +%H:%M:%S)] $*"; }
 
 if [ ! -f "$nnUNet_raw/$dataset/dataset.json" ]; then
   step "converting $source_dir"; nnUNetv2_convert_MSD_dataset -i "$source_dir" -overwrite_id $id
 fi
-if [ ! -f "$nnUNet_preprocessed/$dataset/nnUNetPlans.json" ]; then
+if [ ! -d "$nnUNet_preprocessed/$dataset/nnUNetPlans_$cfg" ]; then
   step "planning and preprocessing ($cfg)"
-  nnUNetv2_plan_and_preprocess -d $id -c $cfg --verify_dataset_integrity -np 2 > "$work/logs/plan.log"
+  nnUNetv2_plan_and_preprocess -d $id -c "$cfg" --verify_dataset_integrity -np 2 > "$work/logs/plan_$cfg.log"
 fi
-# nnU-Net plans the 2d batch as large as 5 % of the dataset allows (309 here): a CPU wants 32. Same data_identifier,
-# so the variant trains on the data just preprocessed.
-python - "$nnUNet_preprocessed/$dataset" "$plans" <<'PY'
+plans=nnUNetPlans
+if [ "$cfg" = 2d ]; then
+  # nnU-Net plans the 2d batch as large as 5 % of the dataset allows (309 here): a CPU wants 32. Same
+  # data_identifier, so the variant trains on the data just preprocessed.
+  plans=nnUNetPlans_bs32
+  python - "$nnUNet_preprocessed/$dataset" "$plans" <<'PY'
 import json, sys, pathlib
 folder, name = pathlib.Path(sys.argv[1]), sys.argv[2]
 plans = json.loads((folder / "nnUNetPlans.json").read_text())
@@ -48,19 +55,21 @@ target = folder / f"{name}.json"
 if not target.is_file() or json.loads(target.read_text()) != plans:
     target.write_text(json.dumps(plans, indent=4))
 PY
+fi
 
 teacher_fold=$nnUNet_results/$dataset/${teacher}__${plans}__${cfg}/fold_0
 if [ ! -f "$teacher_fold/validation/summary.json" ]; then
   resume=(); [ -f "$teacher_fold/checkpoint_latest.pth" ] && resume=(--c)
-  step "training the teacher: $teacher -p $plans (log: $work/logs/teacher.log)"
-  nnUNetv2_train $id $cfg 0 -tr $teacher -p $plans -device "$device" "${resume[@]}" >> "$work/logs/teacher.log" 2>&1
+  step "training the teacher: $teacher -p $plans (log: $work/logs/teacher_$cfg.log)"
+  nnUNetv2_train $id "$cfg" 0 -tr "$teacher" -p $plans -device "$device" "${resume[@]}" \
+    >> "$work/logs/teacher_$cfg.log" 2>&1
 fi
-grep -h "Mean Validation Dice" "$work/logs/teacher.log" | tail -1 || true
+grep -h "Mean Validation Dice" "$work/logs/teacher_$cfg.log" | tail -1 || true
 
 for width in $widths; do
-  nnunet_kd student-plans $id -c $cfg -p $plans --width "$width"
+  nnunet_kd student-plans $id -c "$cfg" -p $plans --width "$width"
   # shellcheck disable=SC2086  # word splitting of the lists is intended
-  nnunet_kd study $id -c $cfg -p "${plans}_KDStudent_w${width}" --teacher "${teacher}__${plans}__${cfg}" \
+  nnunet_kd study $id -c "$cfg" -p "${plans}_KDStudent_w${width}" --teacher "${teacher}__${plans}__${cfg}" \
     --trainers $trainers --seeds $seeds --epochs "$epochs" --iterations "$iterations" --val-iterations 10 \
-    --device "$device" -o "$work/study_w${width}"
+    --device "$device" --jobs "$jobs" -o "$work/study_${cfg}_w${width}"
 done

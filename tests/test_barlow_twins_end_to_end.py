@@ -66,8 +66,8 @@ def interrupted(bt_workspace) -> dict:
     saved = bt_workspace.root / "interrupted"
     saved.mkdir()
     shutil.copy(fold / "checkpoint_latest.pth", saved / "student.pth")
-    shutil.copy(_model(bt_workspace) / "teacher" / "fold_0" / "checkpoint_latest.pth", saved / "teacher.pth")
-    return {"student": load_checkpoint(saved / "student.pth"), "teacher": load_checkpoint(saved / "teacher.pth")}
+    shutil.copy(fold / "checkpoint_latest.kd_state.pth", saved / "kd_state.pth")  # teacher and projector
+    return {"student": load_checkpoint(saved / "student.pth"), "teacher": load_checkpoint(saved / "kd_state.pth")}
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,8 @@ def test_interrupted_run_checkpoints_teacher_with_student(bt_workspace, interrup
     assert student["current_epoch"] == teacher["current_epoch"] == 1
     # the student's checkpoint holds the 2-channel student; the teacher takes all 4 channels
     assert student["network_weights"]["encoder.stages.0.0.convs.0.conv.weight"].shape[1] == 2
-    assert teacher["network_weights"]["encoder.stages.0.0.convs.0.conv.weight"].shape[1] == 4
+    assert teacher["teacher_weights"]["encoder.stages.0.0.convs.0.conv.weight"].shape[1] == 4
+    assert "teacher_weights" not in student and "network_weights" not in teacher  # the student's checkpoint: student
 
     # what --c restores: a trainer loading the checkpoint gets the saved teacher weights and optimiser state
     trainer = _trainer(bt_workspace, monkeypatch, {})  # no channel setting: kd_settings.json provides it
@@ -97,7 +98,7 @@ def test_interrupted_run_checkpoints_teacher_with_student(bt_workspace, interrup
     n_student, n_teacher = len(list(trainer.network.parameters())), len(list(trainer.teacher.parameters()))
     assert len(state["param_groups"][0]["params"]) == n_student + n_teacher
     assert len(state["state"]) > n_student
-    for key, value in teacher["network_weights"].items():
+    for key, value in teacher["teacher_weights"].items():
         assert torch.equal(trainer.teacher.state_dict()[key], value), key
     restored = trainer.optimizer.state_dict()["state"]
     assert set(restored) == set(state["state"])
@@ -105,12 +106,12 @@ def test_interrupted_run_checkpoints_teacher_with_student(bt_workspace, interrup
 
 
 def test_resume_refuses_a_missing_teacher_checkpoint(bt_workspace, interrupted, monkeypatch, tmp_path):
-    teacher_file = _model(bt_workspace) / "teacher" / "fold_0" / "checkpoint_latest.pth"
+    teacher_file = _model(bt_workspace) / "fold_0" / "checkpoint_latest.kd_state.pth"
     shutil.move(teacher_file, tmp_path / "teacher.pth")
     try:
         trainer = _trainer(bt_workspace, monkeypatch, CHANNELS)
         trainer.load_checkpoint(str(_model(bt_workspace) / "fold_0" / "checkpoint_latest.pth"))
-        with pytest.raises(KDConfigurationError, match="teacher checkpoint .* is missing"):
+        with pytest.raises(KDConfigurationError, match="checkpoint_latest.kd_state.pth is missing"):
             trainer.on_train_start()
         assert trainer.dataloader_train is None
     finally:
@@ -130,8 +131,8 @@ def test_resumed_run_continues_exactly(bt_workspace, interrupted, resumed):
         assert len(final["logging"][key]) == 2
         assert final["logging"][key][0] == before[key][0], f"{key} of epoch 0 changed on resume"
     assert all(np.isfinite(final["logging"][p]).all() and min(final["logging"][p]) > 0 for p in parts)
-    assert not any(fold.glob("checkpoint_latest.pth")) and not any(
-        (_model(bt_workspace) / "teacher" / "fold_0").glob("checkpoint_latest.pth"))
+    assert not any(fold.glob("checkpoint_latest*")) and not any(
+        (_model(bt_workspace) / "teacher" / "fold_0").glob("checkpoint_latest*"))
     (log,) = new_logs
     text = log.read_text()
     assert re.search(r": Epoch 1\s*$", text, re.M) and not re.search(r": Epoch 0\s*$", text, re.M)

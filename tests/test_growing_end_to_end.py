@@ -16,19 +16,21 @@ from conftest import DATASET_ID, STUDENT_PLANS
 from test_end_to_end import _student_network, train_and_kill_in_second_epoch
 
 from nnunet_kd.checkpoints import load_checkpoint as _checkpoint
+from nnunet_kd.run_core import kd_state_file
 
 TRAINER = "nnUNetTrainerKDGrowingAssistant_debug"
-GROWTH = "kd_growing_assistant"
 
 # run in a fresh process with the workspace's nnU-Net paths: load the snapshot the way `--c` does and compare
 RESTORE_CHECK = f"""
 import sys, torch
 from nnunetv2.run.run_training import get_trainer_from_args
+from nnunet_kd.run_core import kd_state_file
 snapshot_path, dataset, plans = sys.argv[1:4]
 trainer = get_trainer_from_args(dataset, "3d_fullres", 0, "{TRAINER}", plans, device=torch.device("cpu"))
 trainer.load_checkpoint(snapshot_path)
 snapshot = torch.load(snapshot_path, map_location="cpu", weights_only=False)
-growth = snapshot["{GROWTH}"]
+growth = torch.load(kd_state_file(snapshot_path), map_location="cpu", weights_only=False)
+assert growth["current_epoch"] == snapshot["current_epoch"]
 master = trainer.master.state_dict()
 assert master.keys() == growth["master_weights"].keys()
 assert all(torch.equal(master[k], v) for k, v in growth["master_weights"].items()), "master weights differ"
@@ -55,6 +57,7 @@ def growing_run(workspace, teacher_3d, tmp_path_factory):
                                    fold)
     snapshot = tmp_path_factory.mktemp("growing") / "checkpoint_latest.pth"
     shutil.copy(fold / "checkpoint_latest.pth", snapshot)
+    shutil.copy(kd_state_file(str(fold / "checkpoint_latest.pth")), kd_state_file(str(snapshot)))
     logs_before = set(fold.glob("training_log_*.txt"))
     time.sleep(1.1)  # nnU-Net names logs by the second
     resumed = workspace.train(TRAINER, 0, STUDENT_PLANS, env={"nnUNet_KD_teacher": teacher_3d.name}, extra=("--c",))
@@ -64,7 +67,8 @@ def growing_run(workspace, teacher_3d, tmp_path_factory):
 
 def test_resume_restores_stage_schedule_master_weights_and_optimizer_exactly(workspace, growing_run):
     snapshot = _checkpoint(growing_run["snapshot"])
-    assert snapshot["current_epoch"] == 1 and snapshot[GROWTH]["stage"] == 1  # 4 stages over 2 epochs: 0,0,1,1
+    snapshot_growth = _checkpoint(kd_state_file(str(growing_run["snapshot"])))
+    assert snapshot["current_epoch"] == 1 and snapshot_growth["stage"] == 1  # 4 stages over 2 epochs: 0,0,1,1
     check = workspace.run(sys.executable, "-c", RESTORE_CHECK, str(growing_run["snapshot"]), str(DATASET_ID),
                           STUDENT_PLANS)
     assert "restored exactly" in check.stdout
@@ -74,10 +78,14 @@ def test_resume_restores_stage_schedule_master_weights_and_optimizer_exactly(wor
     assert re.search(r": Epoch 1\s*$", text, re.M) and not re.search(r": Epoch 0\s*$", text, re.M)
     assert "Assistant grows to widths [32, 64, 128, 256] (stage 4 of 4)" in text
     final = _checkpoint(growing_run["fold"] / "checkpoint_final.pth")
-    assert final["current_epoch"] == 2 and final[GROWTH]["stage"] == 3
-    assert final[GROWTH]["schedule"] == snapshot[GROWTH]["schedule"]
-    before = snapshot[GROWTH]["master_weights"]
-    assert any(not torch.equal(v, before[k]) for k, v in final[GROWTH]["master_weights"].items())
+    final_growth = _checkpoint(kd_state_file(str(growing_run["fold"] / "checkpoint_final.pth")))
+    assert final["current_epoch"] == final_growth["current_epoch"] == 2 and final_growth["stage"] == 3
+    assert final_growth["schedule"] == snapshot_growth["schedule"]
+    before = snapshot_growth["master_weights"]
+    assert any(not torch.equal(v, before[k]) for k, v in final_growth["master_weights"].items())
+    # nnU-Net's own checkpoint holds the student alone; the latest companion went with checkpoint_latest.pth
+    assert set(final) >= {"network_weights", "optimizer_state"} and not any(k.startswith("kd_") for k in final)
+    assert not (growing_run["fold"] / "checkpoint_latest.kd_state.pth").exists()
     for key in ("train_seg_loss", "train_kd_loss", "train_assistant_seg_loss", "train_assistant_kd_loss"):
         assert final["logging"][key][0] == snapshot["logging"][key][0], f"{key} of epoch 0 changed on resume"
         assert len(final["logging"][key]) == 2 and all(np.isfinite(final["logging"][key]))
@@ -96,7 +104,7 @@ def test_checkpoint_holds_the_compact_student_and_stock_predict_runs_it(workspac
     assert [m.out_channels for m in student.decoder.seg_layers] == [4, 4, 4]  # background + 3 labels
     assert list(student.encoder.output_channels) == [8, 16, 32, 64]  # the w0.25 student plans
     # the student is the first-channels slice of the master the same checkpoint holds
-    master = checkpoint[GROWTH]["master_weights"]
+    master = _checkpoint(kd_state_file(str(fold / "checkpoint_final.pth")))["master_weights"]
     first = "encoder.stages.0.0.convs.0.conv.weight"
     assert master[first].shape[0] == 32 and torch.equal(weights[first], master[first][:8])
     decoder_conv = "decoder.stages.0.convs.0.conv.weight"  # reads cat([upsampled, skip]): 32 + 32 of 128 + 128

@@ -9,14 +9,14 @@ import pytest
 
 from nnunet_kd.errors import KDConfigurationError
 from nnunet_kd.settings import (
+    RUN_VARIABLES,
     SETTINGS_FILE,
     KDSettings,
+    RunEnvironment,
     SoftTargetSettings,
     read_settings_file,
     write_settings_file,
 )
-
-TEACHER_VARIABLES = ("nnUNet_KD_teacher", "nnUNet_KD_teacher_folds", "nnUNet_KD_teacher_checkpoint")
 
 
 def test_kd_settings_defaults() -> None:
@@ -103,7 +103,7 @@ def test_kd_settings_with_environment_applies_alpha_and_scales() -> None:
 
 def test_kd_settings_ignored_environment_reports_temperature_as_unused() -> None:
     environ = {"nnUNet_KD_alpha": "0.5", "nnUNet_KD_temperature": "4"}
-    assert KDSettings.ignored_environment(environ, other_known=TEACHER_VARIABLES) == ["nnUNet_KD_temperature"]
+    assert KDSettings.ignored_environment(environ) == ["nnUNet_KD_temperature"]
 
 
 def test_kd_settings_to_json() -> None:
@@ -115,18 +115,35 @@ def test_ignored_environment_lists_unknown_kd_variables_only() -> None:
         "nnUNet_KD_alpha": "0.5",  # known setting
         "nnUNet_KD_temprature": "4",  # typo
         "nnUNet_KD_beta": "1",  # another trainer's
-        "nnUNet_KD_teacher": "/models/teacher",  # known to the caller
+        "nnUNet_KD_teacher": "/models/teacher",  # a run variable
+        "nnUNet_KD_num_epochs": "3",  # a run variable
         "nnUNet_KD_unset": "",  # set but empty: means nothing
         "nnUNet_results": "/results",  # not a KD variable
     }
-    assert SoftTargetSettings.ignored_environment(environ, other_known=TEACHER_VARIABLES) == \
-        ["nnUNet_KD_beta", "nnUNet_KD_temprature"]
-    assert "nnUNet_KD_teacher" in SoftTargetSettings.ignored_environment(environ)
+    assert SoftTargetSettings.ignored_environment(environ) == ["nnUNet_KD_beta", "nnUNet_KD_temprature"]
 
 
 def test_ignored_environment_is_empty_for_known_variables() -> None:
-    environ = {name: "1" for name in (*SoftTargetSettings.env_names().values(), *TEACHER_VARIABLES)}
-    assert SoftTargetSettings.ignored_environment(environ, other_known=TEACHER_VARIABLES) == []
+    environ = {name: "1" for name in (*SoftTargetSettings.env_names().values(), *RUN_VARIABLES)}
+    assert SoftTargetSettings.ignored_environment(environ) == []
+
+
+def test_run_environment_reads_every_run_variable_once() -> None:
+    run = RunEnvironment.read({"nnUNet_KD_teacher": "T", "nnUNet_KD_teacher_folds": "0, 1 all",
+                               "nnUNet_KD_teacher_checkpoint": "checkpoint_best.pth", "nnUNet_KD_seed": "3",
+                               "nnUNet_KD_num_epochs": "40", "nnUNet_KD_iterations_per_epoch": "50",
+                               "nnUNet_KD_val_iterations_per_epoch": ""})
+    assert run == RunEnvironment("T", (0, 1, "all"), "checkpoint_best.pth", 3,
+                                 (("num_epochs", 40), ("num_iterations_per_epoch", 50)))
+    assert RunEnvironment.read({}) == RunEnvironment()
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("nnUNet_KD_num_epochs", "0", "whole number >= 1"), ("nnUNet_KD_iterations_per_epoch", "2.5", "whole number"),
+    ("nnUNet_KD_seed", "-1", "whole number >= 0"), ("nnUNet_KD_teacher_folds", ",", "names no fold")])
+def test_run_environment_names_a_bad_value(name, value, message) -> None:
+    with pytest.raises(KDConfigurationError, match=message):
+        RunEnvironment.read({name: value})
 
 
 def test_to_json_round_trips_through_constructor() -> None:

@@ -17,7 +17,7 @@ def _study(workspace, teacher_3d, output, *extra):
 
 def test_study_trains_paired_seeds_reports_and_resumes(workspace, teacher_3d, tmp_path):
     output = tmp_path / "study"
-    first = _study(workspace, teacher_3d, output)
+    first = _study(workspace, teacher_3d, output, "--jobs", "2")  # two runs at once
     assert "run 4 of 4" in first.stdout
 
     runs = {(seed, trainer): output / "runs" / f"seed_{seed}" / workspace.results.name
@@ -38,6 +38,7 @@ def test_study_trains_paired_seeds_reports_and_resumes(workspace, teacher_3d, tm
     assert (output / "predictions" / "teacher" / "summary.json").is_file()
 
     report = (output / "report.md").read_text()
+    assert "Trained on: CPU" in report and "nnunetv2 2." in report
     assert "## Dice, validation (fold 0)" in report and "## Dice, test set: 2 cases" in report
     assert "| nnUNetTrainerKDLogits | 2 |" in report and "95 % CI" in report
     assert "| nnUNetTrainerStudent (baseline) | 2 |" in report

@@ -6,8 +6,9 @@ and train together from scratch, with one optimiser:
 each L_seg nnU-Net's Dice+CE with deep supervision, L_BT on the output of the encoder's last stage (forward hooks),
 every bottleneck voxel a sample. `self.network` is the student: checkpoints, validation and `nnUNetv2_predict` see it
 alone, and its model folder's dataset.json and plans.json describe only its channels. The teacher is a complete
-model folder of its own, `<model folder>/teacher/` (for nnUNetv2_predict_from_modelfolder), written with every
-student checkpoint; --c restores it. Environment overrides: see nnunet_kd.settings.BarlowTwinsSettings.
+model folder of its own, `<model folder>/teacher/` (for nnUNetv2_predict_from_modelfolder), written with the final and
+best student checkpoints; teacher and projector weights travel in each checkpoint's companion file
+(nnunet_kd.run_core), so --c resumes exactly. Environment overrides: see nnunet_kd.settings.BarlowTwinsSettings.
 """
 from __future__ import annotations
 
@@ -15,18 +16,12 @@ import os
 import shutil
 from typing import ClassVar
 
-import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import save_json
-from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import autocast, nn
 
-from nnunet_kd import __version__
-from nnunet_kd.checkpoints import load_checkpoint as read_checkpoint
 from nnunet_kd.errors import KDConfigurationError
 from nnunet_kd.losses import BarlowTwinsLoss
 from nnunet_kd.modalities import (
@@ -37,11 +32,9 @@ from nnunet_kd.modalities import (
     student_dataset_json,
     student_plans,
 )
-from nnunet_kd.progress import KDLocalLogger
-from nnunet_kd.schedule import SCHEDULE_ATTRIBUTES, apply_schedule_from_environment
-from nnunet_kd.seeding import ENV_SEED, seed_from_environment
-from nnunet_kd.settings import SETTINGS_FILE, BarlowTwinsSettings, read_settings_file, write_settings_file
-from nnunet_kd.training import backward_and_step, batch_to_device
+from nnunet_kd.run_core import nnUNetTrainerKDRun
+from nnunet_kd.settings import SETTINGS_FILE, BarlowTwinsSettings
+from nnunet_kd.training import batch_to_device
 
 TEACHER_FOLDER = "teacher"
 
@@ -58,7 +51,7 @@ def _out_channels(module: nn.Module) -> int:
     return [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))][-1].out_channels
 
 
-class nnUNetTrainerKDBarlowTwins(nnUNetTrainer):
+class nnUNetTrainerKDBarlowTwins(nnUNetTrainerKDRun):
     kd_defaults: ClassVar[BarlowTwinsSettings] = BarlowTwinsSettings()
     kd_loss_parts: ClassVar[tuple[str, ...]] = ("student_seg_loss", "teacher_seg_loss", "barlow_twins_loss")
     # the student; stock nnUNetv2_predict rebuilds it from the model folder, which lists only the student's channels
@@ -70,18 +63,12 @@ class nnUNetTrainerKDBarlowTwins(nnUNetTrainer):
         if settings.student_channels:
             select_channels(dataset_json, settings.student_channels)  # a wrong name fails before nnU-Net's log file
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.seed = seed_from_environment()
-        apply_schedule_from_environment(self)
-        self.kd_settings = settings
         self.channels: ChannelSelection | None = None
         self.teacher: nn.Module | None = None
         self.barlow_twins: BarlowTwinsLoss | None = None
         self.teacher_plans, self.teacher_dataset_json = plans, dataset_json
         self._features: dict[str, torch.Tensor] = {}
         self._capture = False
-        self._recorded_run: dict | None = None
-        self._teacher_epoch: int | None = None  # epoch of the teacher checkpoint restored by load_checkpoint
-        self.logger.local_logger = KDLocalLogger([f"train_{p}" for p in self.kd_loss_parts])
 
     @property
     def teacher_output_folder(self) -> str:
@@ -108,10 +95,8 @@ class nnUNetTrainerKDBarlowTwins(nnUNetTrainer):
     def configure_optimizers(self):
         if self.teacher is None:  # built after the student, so nnUNet_KD_seed starts it like a plain student
             self._build_teacher()
-        parameters = [*self.network.parameters(), *self.teacher.parameters(), *self.barlow_twins.parameters()]
-        optimizer = torch.optim.SGD(parameters, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
-                                    nesterov=True)
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+        return self.sgd_over([*self.network.parameters(), *self.teacher.parameters(),
+                              *self.barlow_twins.parameters()])
 
     def _build_teacher(self) -> None:
         self.teacher = self.build_network_architecture(
@@ -134,36 +119,18 @@ class nnUNetTrainerKDBarlowTwins(nnUNetTrainer):
     def on_train_start(self):
         if not self.was_initialized:
             self.initialize()
-        ignored = self.kd_defaults.ignored_environment(other_known=(ENV_SEED, *SCHEDULE_ATTRIBUTES))
-        if ignored:
-            self.print_to_log_file(f"WARNING: {ignored} are set but {type(self).__name__} does not use them.")
-        if self.current_epoch > 0:
-            if self._recorded_run is None:
-                raise KDConfigurationError(f"Cannot resume exactly: {SETTINGS_FILE} is missing from "
-                                           f"{self.output_folder}. Restore it, or start a new training without --c.")
-            if self._teacher_epoch != self.current_epoch:
-                raise KDConfigurationError(
-                    f"Cannot resume exactly: the teacher checkpoint in {self._teacher_checkpoint('')} is missing or "
-                    f"from another epoch ({self._teacher_epoch}) than the student's ({self.current_epoch}). Restore "
-                    f"it, or start a new training without --c.")
+        self.check_run_environment()
         # nnU-Net writes the student's plans.json and dataset.json into the model folder (they replaced the dataset's)
         super().on_train_start()
         student_parameters = sum(p.numel() for p in self.network.parameters())
         teacher_parameters = sum(p.numel() for p in self.teacher.parameters())
-        record = {
-            "trainer": type(self).__name__,
-            "nnunet_kd_version": __version__,
-            "seed": self.seed,
-            "schedule": {"num_epochs": self.num_epochs, "num_iterations_per_epoch": self.num_iterations_per_epoch,
-                         "num_val_iterations_per_epoch": self.num_val_iterations_per_epoch},
-            "settings": self.kd_settings.to_json(),
-            "channels": self.channels.to_json(),
-            "loss": {"student_seg_weight": 1.0, "teacher_seg_weight": 1.0,
-                     "barlow_twins_weight": self.kd_settings.barlow_weight},
-            "student": {"num_parameters": student_parameters},
-            "teacher": {"num_parameters": teacher_parameters, "model_folder": self.teacher_output_folder},
-            "projector_parameters": sum(p.numel() for p in self.barlow_twins.parameters()),
-        }
+        record = self.run_record(
+            channels=self.channels.to_json(),
+            loss={"student_seg_weight": 1.0, "teacher_seg_weight": 1.0,
+                  "barlow_twins_weight": self.kd_settings.barlow_weight},
+            student={"num_parameters": student_parameters},
+            teacher={"num_parameters": teacher_parameters, "model_folder": self.teacher_output_folder},
+            projector_parameters=sum(p.numel() for p in self.barlow_twins.parameters()))
         if self.local_rank == 0:
             os.makedirs(os.path.join(self.teacher_output_folder, f"fold_{self.fold}"), exist_ok=True)
             save_json(self.teacher_plans, os.path.join(self.teacher_output_folder, "plans.json"), sort_keys=False)
@@ -171,51 +138,41 @@ class nnUNetTrainerKDBarlowTwins(nnUNetTrainer):
                       sort_keys=False)
             shutil.copyfile(os.path.join(self.output_folder_base, "dataset_fingerprint.json"),
                             os.path.join(self.teacher_output_folder, "dataset_fingerprint.json"))
-            write_settings_file(self.output_folder, record)
+        self.save_run_record(record)
         self.print_to_log_file(f"Barlow Twins KD ({type(self).__name__}): settings {record['settings']}; student "
                                f"channels {list(self.channels.names)} of {list(self.channels.all_names)}; student "
                                f"{student_parameters:,} parameters, teacher {teacher_parameters:,} parameters "
                                f"(saved to {self.teacher_output_folder})", also_print_to_console=True)
 
-    # ---- checkpoints: the teacher (and projector) next to every student checkpoint ----
+    def adopt_recorded_run(self, record: dict) -> None:
+        recorded = BarlowTwinsSettings(**record["settings"])
+        if recorded != self.kd_settings and self.was_initialized:
+            raise KDConfigurationError(f"This trainer was built with {self.kd_settings}, but the checkpoint was "
+                                       f"trained with {recorded} ({SETTINGS_FILE}).")
+        super().adopt_recorded_run(record)  # before initialize() builds the student for its channels
+
+    # ---- checkpoints: teacher and projector in the companion file; the teacher's model folder for prediction ----
+    def kd_state(self) -> dict | None:
+        if self.teacher is None:
+            return None
+        return {"teacher_weights": self.teacher.state_dict(), "projector_weights": self.barlow_twins.state_dict()}
+
+    def load_kd_state(self, state: dict) -> None:
+        self.teacher.load_state_dict(state["teacher_weights"])
+        self.barlow_twins.load_state_dict(state["projector_weights"])
+
     def save_checkpoint(self, filename: str) -> None:
-        if self.local_rank == 0 and not self.disable_checkpointing and self.teacher is not None:
+        super().save_checkpoint(filename)
+        exported = os.path.basename(filename) in ("checkpoint_final.pth", "checkpoint_best.pth")
+        if exported and self.local_rank == 0 and not self.disable_checkpointing and self.teacher is not None:
             # nnU-Net's checkpoint format, so nnUNetv2_predict_from_modelfolder can load the teacher folder
             torch.save({
                 "network_weights": self.teacher.state_dict(),
-                "projector_weights": self.barlow_twins.state_dict(),
                 "current_epoch": self.current_epoch + 1,
                 "init_args": self.my_init_kwargs,
                 "trainer_name": type(self).__name__,
                 "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
             }, self._teacher_checkpoint(filename))
-        super().save_checkpoint(filename)
-
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        record = read_settings_file(self.output_folder)
-        if record is not None:
-            recorded = BarlowTwinsSettings(**record["settings"])
-            if recorded != self.kd_settings:
-                if self.was_initialized:
-                    raise KDConfigurationError(f"This trainer was built with {self.kd_settings}, but the checkpoint "
-                                               f"was trained with {recorded} ({SETTINGS_FILE}).")
-                self.print_to_log_file(f"Resuming with the settings this training started with ({SETTINGS_FILE}): "
-                                       f"{recorded}; the current environment asked for {self.kd_settings}.",
-                                       also_print_to_console=True)
-                self.kd_settings = recorded  # before initialize() builds the student for its channels
-            self._recorded_run = record
-        super().load_checkpoint(filename_or_checkpoint)
-        if isinstance(filename_or_checkpoint, str) and os.path.isfile(self._teacher_checkpoint(filename_or_checkpoint)):
-            teacher = read_checkpoint(self._teacher_checkpoint(filename_or_checkpoint))
-            self.teacher.load_state_dict(teacher["network_weights"])
-            self.barlow_twins.load_state_dict(teacher["projector_weights"])
-            self._teacher_epoch = teacher["current_epoch"]
-
-    def on_train_end(self):
-        super().on_train_end()
-        latest = self._teacher_checkpoint("checkpoint_latest.pth")
-        if self.local_rank == 0 and os.path.isfile(latest):
-            os.remove(latest)
 
     # ---- training and validation ----
     def on_train_epoch_start(self):
@@ -230,9 +187,7 @@ class nnUNetTrainerKDBarlowTwins(nnUNetTrainer):
         parts = self.loss_parts(data, target)
         loss = parts["student_seg_loss"] + parts["teacher_seg_loss"] + \
             self.kd_settings.barlow_weight * parts["barlow_twins_loss"]
-
-        backward_and_step(loss, self.optimizer, self.grad_scaler)
-        return {"loss": loss.detach().cpu().numpy(), **{k: v.detach().cpu().numpy() for k, v in parts.items()}}
+        return self.finish_step(loss, parts)
 
     def loss_parts(self, data: torch.Tensor, target) -> dict[str, torch.Tensor]:
         """Both networks on one batch of full-channel data: each one's L_seg and L_BT between their bottlenecks."""
@@ -251,14 +206,6 @@ class nnUNetTrainerKDBarlowTwins(nnUNetTrainer):
             self._capture = False
             self._features.clear()
         return parts
-
-    def on_train_epoch_end(self, train_outputs: list[dict]):
-        super().on_train_epoch_end(train_outputs)
-        outputs = collate_outputs(train_outputs)
-        parts = {part: float(np.mean(outputs[part])) for part in self.kd_loss_parts}
-        for part, value in parts.items():
-            self.logger.log(f"train_{part}", value, self.current_epoch)
-        self.print_to_log_file(", ".join(f"{k} {v:.4f}" for k, v in parts.items()))
 
     def validation_step(self, batch: dict) -> dict:
         return super().validation_step({**batch, "data": batch["data"][:, list(self.channels.indices)]})

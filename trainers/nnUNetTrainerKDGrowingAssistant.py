@@ -1,5 +1,5 @@
 """Growing teacher-assistant KD: this project's design, inspired by Xu et al. 2021 (liver CT), whose growth rule is not
-published (KD_METHODS.md section 2).
+published (README, "Growing teacher-assistant KD").
 
 One master network at the assistant's maximum width is trained by one optimiser. The student is the slice made of the
 first channels of every layer (its widths come from the student plans, `-p`); the assistant is a wider slice that
@@ -9,15 +9,13 @@ grows in stages from just above the student's widths to `max_width` times them. 
 Growth silences the channels the assistant gains (nnunet_kd/growing.py), so it keeps what it has learned.
 `self.network` is the student as an ordinary compact network: it receives the slice before every validation and
 checkpoint, so `network_weights` and stock `nnUNetv2_predict` see the student alone; the master weights and the
-growth stage and schedule travel in the checkpoint under 'kd_growing_assistant', so `--c` resumes exactly.
+growth stage and schedule travel in the checkpoint's companion file (nnunet_kd.run_core), so `--c` resumes exactly.
 Environment overrides: nnUNet_KD_alpha, nnUNet_KD_temperature, nnUNet_KD_scales, nnUNet_KD_max_width, nnUNet_KD_stages.
 """
-import os
 from dataclasses import asdict
 
 import numpy as np
 import torch
-from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import autocast
@@ -26,10 +24,9 @@ from nnunet_kd.errors import KDConfigurationError
 from nnunet_kd.growing import ChannelSlice, GrowthStage, growth_schedule, silence_added_channels, stage_at
 from nnunet_kd.losses import SoftTargetKDLoss
 from nnunet_kd.settings import GrowingAssistantSettings
+from nnunet_kd.teacher import TeacherSpec
 from nnunet_kd.trainer import nnUNetTrainerKD
-from nnunet_kd.training import backward_and_step, batch_to_device
-
-CHECKPOINT_KEY = "kd_growing_assistant"
+from nnunet_kd.training import batch_to_device
 
 
 class nnUNetTrainerKDGrowingAssistant(nnUNetTrainerKD):
@@ -69,20 +66,18 @@ class nnUNetTrainerKDGrowingAssistant(nnUNetTrainerKD):
         self.master = self._network_with_widths(max_widths)
         # the student keeps its own normalisation statistics: the assistant's passes must not write into them
         self.student_slice = ChannelSlice(self.master, self.network, own_buffers=True)
-        optimizer = torch.optim.SGD(self.master.parameters(), self.initial_lr, weight_decay=self.weight_decay,
-                                    momentum=0.99, nesterov=True)
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+        return self.sgd_over(self.master.parameters())
 
     def on_train_start(self):
         if self.is_ddp:
             raise KDConfigurationError(f"{type(self).__name__} trains on one device; run it without -num_gpus.")
         super().on_train_start()
 
-    def _prepare_distillation(self) -> None:
+    def prepare_distillation(self, teacher: TeacherSpec | None = None) -> None:
         if self.schedule is None:  # a resumed run keeps the schedule its checkpoint holds
             self.schedule = growth_schedule(self.student_widths, self._max_widths(), self.kd_settings.stages,
                                             self.num_epochs)
-        super()._prepare_distillation()
+        super().prepare_distillation(teacher)
 
     def _max_widths(self) -> list[int]:
         return list(self.master.encoder.output_channels)
@@ -132,10 +127,8 @@ class nnUNetTrainerKDGrowingAssistant(nnUNetTrainerKD):
                      "assistant_kd_loss": kd(assistant_output, teacher_output)}
             loss = parts["seg_loss"] + alpha * parts["kd_loss"] + parts["assistant_seg_loss"] \
                 + alpha * parts["assistant_kd_loss"]
-        backward_and_step(loss, self.optimizer, self.grad_scaler)
         width = np.mean(np.array(self.schedule[self.stage].widths) / np.array(self.student_widths))
-        return {"loss": loss.detach().cpu().numpy(), **{k: v.detach().cpu().numpy() for k, v in parts.items()},
-                "assistant_width": width}
+        return self.finish_step(loss, parts, assistant_width=width)
 
     # ---- the student as an ordinary network for validation, checkpoints and prediction ----
     def on_validation_epoch_start(self):
@@ -145,23 +138,13 @@ class nnUNetTrainerKDGrowingAssistant(nnUNetTrainerKD):
     def save_checkpoint(self, filename: str) -> None:
         self.student_slice.copy_into_narrow()
         super().save_checkpoint(filename)
-        if self.local_rank == 0 and not self.disable_checkpointing:
-            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-            checkpoint[CHECKPOINT_KEY] = {"master_weights": self.master.state_dict(), "stage": self.stage,
-                                          "schedule": [asdict(s) for s in self.schedule]}
-            partial = f"{filename}.partial"
-            torch.save(checkpoint, partial)
-            os.replace(partial, filename)
 
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        super().load_checkpoint(filename_or_checkpoint)
-        checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
-            torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
-        growth = checkpoint.get(CHECKPOINT_KEY)
-        if growth is None:
-            raise KDConfigurationError(f"This checkpoint has no '{CHECKPOINT_KEY}' state; it was not written by "
-                                       f"{type(self).__name__}. Resume with the trainer that wrote it.")
-        self.master.load_state_dict(growth["master_weights"])
-        self.schedule = [GrowthStage(s["start_epoch"], tuple(s["widths"])) for s in growth["schedule"]]
-        if growth["stage"] >= 0:
-            self._enter_stage(growth["stage"])
+    def kd_state(self) -> dict:
+        return {"master_weights": self.master.state_dict(), "stage": self.stage,
+                "schedule": [asdict(s) for s in self.schedule]}
+
+    def load_kd_state(self, state: dict) -> None:
+        self.master.load_state_dict(state["master_weights"])
+        self.schedule = [GrowthStage(s["start_epoch"], tuple(s["widths"])) for s in state["schedule"]]
+        if state["stage"] >= 0:
+            self._enter_stage(state["stage"])

@@ -1,0 +1,156 @@
+"""What every trainer of this package shares, whatever its method: the run's bookkeeping, written once.
+
+- start: the seed (`nnUNet_KD_seed`, before nnU-Net builds the network, so a KD run and its no-KD twin start from the
+  same weights), the training length from the environment, the method's settings, a warning for `nnUNet_KD_*`
+  variables that mean nothing to the run;
+- the run record (`kd_settings.json` next to the checkpoints) and, on `--c`, the recorded settings adopted before
+  nnU-Net loads the checkpoint;
+- extra state a method needs to resume exactly (a master network, a jointly trained teacher): one companion file per
+  nnU-Net checkpoint, `<checkpoint>.kd_state.pth`, so nnU-Net's own checkpoint holds the student alone;
+- nnU-Net's optimiser and update over whatever the method trains, and the per-epoch logging of the loss parts
+  (`train_<part>`, also drawn in progress.png).
+"""
+from __future__ import annotations
+
+import os
+from typing import ClassVar
+
+import numpy as np
+import torch
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.collate_outputs import collate_outputs
+from torch import distributed as dist
+
+from nnunet_kd import __version__
+from nnunet_kd.checkpoints import load_checkpoint
+from nnunet_kd.errors import KDConfigurationError
+from nnunet_kd.progress import KDLocalLogger
+from nnunet_kd.schedule import apply_schedule_from_environment
+from nnunet_kd.seeding import seed_from_environment
+from nnunet_kd.settings import SETTINGS_FILE, BaseKDSettings, read_settings_file, write_settings_file
+from nnunet_kd.training import backward_and_step
+
+KD_STATE_SUFFIX = ".kd_state.pth"
+
+
+def kd_state_file(checkpoint_file: str) -> str:
+    """`fold_0/checkpoint_latest.pth` -> `fold_0/checkpoint_latest.kd_state.pth`."""
+    return checkpoint_file.removesuffix(".pth") + KD_STATE_SUFFIX
+
+
+class nnUNetTrainerKDRun(nnUNetTrainer):
+    """The shared core; a method adds its settings (`kd_defaults`), its loss parts and its step."""
+
+    kd_defaults: ClassVar[BaseKDSettings]
+    # what train_step returns besides 'loss'; each is logged per epoch as 'train_<part>' and drawn in progress.png
+    kd_loss_parts: ClassVar[tuple[str, ...]]
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.seed = seed_from_environment()
+        apply_schedule_from_environment(self)
+        self.kd_settings = self.kd_defaults.with_environment()
+        self.recorded_run: dict | None = None  # what kd_settings.json said when resuming
+        self._missing_kd_state: str | None = None  # a companion file --c needs but did not find
+        self.logger.local_logger = KDLocalLogger([f"train_{p}" for p in self.kd_loss_parts])
+
+    # ---- start ----
+    def check_run_environment(self) -> None:
+        """Warn about stray `nnUNet_KD_*` variables; refuse a `--c` that could not continue the same run."""
+        ignored = self.kd_defaults.ignored_environment()
+        if ignored:
+            self.print_to_log_file(f"WARNING: {ignored} are set but {type(self).__name__} does not use them.")
+        if self.current_epoch > 0 and self.recorded_run is None:
+            raise KDConfigurationError(f"Cannot resume exactly: {SETTINGS_FILE} is missing from {self.output_folder}."
+                                       f" Restore it, or start a new training without --c.")
+        if self.current_epoch > 0 and self._missing_kd_state is not None:
+            raise KDConfigurationError(f"Cannot resume exactly: {self._missing_kd_state} is missing or from another "
+                                       f"epoch than the checkpoint. Restore it, or start a new training without --c.")
+
+    def run_record(self, **sections) -> dict:
+        """kd_settings.json: what every run records, plus the method's own sections."""
+        return {"trainer": type(self).__name__, "nnunet_kd_version": __version__, "seed": self.seed,
+                "schedule": {"num_epochs": self.num_epochs, "num_iterations_per_epoch": self.num_iterations_per_epoch,
+                             "num_val_iterations_per_epoch": self.num_val_iterations_per_epoch},
+                "settings": self.kd_settings.to_json(), **sections}
+
+    def save_run_record(self, record: dict) -> None:
+        if self.local_rank == 0:
+            write_settings_file(self.output_folder, record)
+
+    # ---- resume ----
+    def adopt_recorded_run(self, record: dict) -> None:
+        """Continue with the settings the run started with, whatever the environment asks for now."""
+        recorded = type(self.kd_defaults)(**record["settings"])
+        if recorded != self.kd_settings:
+            self.print_to_log_file(f"Resuming with the settings this training started with ({SETTINGS_FILE}): "
+                                   f"{recorded}; the current environment asked for {self.kd_settings}.",
+                                   also_print_to_console=True)
+        self.kd_settings = recorded
+
+    def kd_state(self) -> dict | None:
+        """Extra state the method needs to resume exactly (None: nothing beyond nnU-Net's checkpoint)."""
+        return None
+
+    def load_kd_state(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        # the recorded settings first: they may shape what loading builds (a master network, the student's channels)
+        record = read_settings_file(self.output_folder)
+        if record is not None:
+            self.recorded_run = record
+            self.adopt_recorded_run(record)
+        super().load_checkpoint(filename_or_checkpoint)
+        if not isinstance(filename_or_checkpoint, str) or type(self).kd_state is nnUNetTrainerKDRun.kd_state:
+            return
+        path = kd_state_file(filename_or_checkpoint)
+        state = load_checkpoint(path) if os.path.isfile(path) else None
+        if state is None or state["current_epoch"] != self.current_epoch:  # nnU-Net set it from the checkpoint
+            self._missing_kd_state = path  # fine for --val; check_run_environment refuses to train on
+            return
+        self.load_kd_state(state)
+
+    def save_checkpoint(self, filename: str) -> None:
+        super().save_checkpoint(filename)
+        state = self.kd_state()
+        if state is not None and self.local_rank == 0 and not self.disable_checkpointing:
+            partial = f"{kd_state_file(filename)}.partial"
+            torch.save({"current_epoch": self.current_epoch + 1, **state}, partial)
+            os.replace(partial, kd_state_file(filename))
+
+    def on_train_end(self):
+        super().on_train_end()
+        # nnU-Net removes checkpoint_latest.pth when training ends; its companion goes with it
+        latest = kd_state_file(os.path.join(self.output_folder, "checkpoint_latest.pth"))
+        if self.local_rank == 0 and os.path.isfile(latest):
+            os.remove(latest)
+
+    # ---- training ----
+    def sgd_over(self, parameters) -> tuple[torch.optim.Optimizer, PolyLRScheduler]:
+        """nnU-Net's optimiser and learning-rate schedule, over whatever the method trains."""
+        optimizer = torch.optim.SGD(list(parameters), self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
+                                    nesterov=True)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    def finish_step(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], **logged) -> dict:
+        """nnU-Net's update (scaled on CUDA, clipped) and what train_step returns: the loss and each part."""
+        backward_and_step(loss, self.optimizer, self.grad_scaler)
+        return {"loss": loss.detach().cpu().numpy(), **{k: v.detach().cpu().numpy() for k, v in parts.items()},
+                **logged}
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        super().on_train_epoch_end(train_outputs)
+        outputs = collate_outputs(train_outputs)
+        parts = {}
+        for part in self.kd_loss_parts:
+            values = outputs[part]
+            if self.is_ddp:
+                gathered = [None] * dist.get_world_size()
+                dist.all_gather_object(gathered, values)
+                values = np.vstack(gathered)
+            parts[part] = float(np.mean(values))
+            self.logger.log(f"train_{part}", parts[part], self.current_epoch)
+        self.print_to_log_file(", ".join(f"{k} {v:.4f}" for k, v in parts.items()))
