@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from nnunet_kd.synthetic import SyntheticSpec, write_dataset
+from nnunet_kd.data.synthetic import SyntheticSpec, write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET_ID = 901

@@ -8,6 +8,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from nnunet_kd.data.synthetic import SyntheticSpec
+from nnunet_kd.data.synthetic_multimodal import CHANNEL_NAMES, write_multimodal_dataset
 from nnunet_kd.errors import KDConfigurationError
 from nnunet_kd.losses import BarlowTwinsLoss, barlow_twins_loss
 from nnunet_kd.losses.barlow_twins import cross_correlation, voxels_as_samples
@@ -20,8 +22,6 @@ from nnunet_kd.modalities import (
     subset_raw_dataset,
 )
 from nnunet_kd.settings import BarlowTwinsSettings
-from nnunet_kd.synthetic import SyntheticSpec
-from nnunet_kd.synthetic_multimodal import CHANNEL_NAMES, write_multimodal_dataset
 
 BRATS = {"channel_names": {"0": "T1", "1": "T2", "2": "FLAIR", "3": "T1CE"}, "labels": {"background": 0, "a": 1},
          "file_ending": ".nii.gz", "numTraining": 2}

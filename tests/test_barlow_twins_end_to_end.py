@@ -21,9 +21,9 @@ from conftest import Workspace, _clean_environment
 from test_end_to_end import train_and_kill_in_second_epoch
 
 from nnunet_kd.checkpoints import load_checkpoint
+from nnunet_kd.data.synthetic import SyntheticSpec
+from nnunet_kd.data.synthetic_multimodal import write_multimodal_dataset
 from nnunet_kd.errors import KDConfigurationError
-from nnunet_kd.synthetic import SyntheticSpec
-from nnunet_kd.synthetic_multimodal import write_multimodal_dataset
 
 DATASET_ID, SUBSET_ID = 930, 931
 DATASET = f"Dataset{DATASET_ID}_KDSyntheticMultiModal"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from nnunet_kd.bench import _gap_closed, _summary_dice
+from nnunet_kd.tools.bench import _gap_closed, _summary_dice
 
 
 def _row(trainer: str, plans: str, mean: float, teacher_folder: str | None = None) -> dict:

@@ -1,7 +1,7 @@
 """Command-line errors are one clear line (exit 2), never a traceback."""
 import pytest
 
-from nnunet_kd.cli import main
+from nnunet_kd.tools.cli import main
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from nnunet_kd.study_stats import (
+from nnunet_kd.tools.study_stats import (
     compare,
     gap_closed,
     hierarchical_bootstrap_ci,
@@ -74,7 +74,7 @@ def test_still_improving_looks_at_the_last_fifth_of_the_epochs():
 
 
 def test_demo_puts_kd_difference_next_to_its_interval():
-    from nnunet_kd.demo import kd_effect_note
+    from nnunet_kd.tools.demo import kd_effect_note
 
     plain = {"mean_dice": 0.6, "case_mean_dice": [0.5, 0.7]}
     kd = {"mean_dice": 0.7, "case_mean_dice": [0.6, 0.8]}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_kd.synthetic import CHANNEL_NAMES, LABELS, SyntheticSpec, generate_case, write_dataset
+from nnunet_kd.data.synthetic import CHANNEL_NAMES, LABELS, SyntheticSpec, generate_case, write_dataset
 
 SMALL = SyntheticSpec(shape=(24, 32, 32))
 

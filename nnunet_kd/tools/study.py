@@ -5,7 +5,7 @@ weights (`nnUNet_KD_seed`) with the stock `nnUNetv2_train`; nnU-Net's final vali
 set, if given, is predicted with the stock `nnUNetv2_predict` and scored with nnU-Net's evaluation. Each seed has a
 results folder of its own (`<study>/runs/seed_<s>` is `nnUNet_results` for its runs), so runs of different seeds
 never share a model folder. Re-running continues: finished runs are skipped, interrupted ones resume with `--c`.
-The report (`nnunet_kd.study_report`) compares every KD trainer with the baseline, seed by seed and case by case.
+The report (`nnunet_kd.tools.study_report`) compares every KD trainer with the baseline, seed by seed and case by case.
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ from nnunet_kd.settings import (
     ENV_TEACHER,
     ENV_VAL_ITERATIONS_PER_EPOCH,
 )
+from nnunet_kd.tools import TRAINERS_FOLDER
 
 STUDY_FILE = "study.json"
-TRAINERS_FOLDER = Path(__file__).resolve().parents[1] / "trainers"
 # what may differ when a study is re-run into the same folder: more trainers or seeds, another test set or device
 EXTENSIBLE_FIELDS = ("trainers", "seeds", "test_images", "test_labels", "device")
 
@@ -313,6 +313,6 @@ def run_study(plan: StudyPlan, study: Path, report: bool = True, time_cases: int
                              study / "predictions" / "teacher", study / "logs" / "teacher_predict.log")
     if not report:
         return None
-    from nnunet_kd.study_report import write_report
+    from nnunet_kd.tools.study_report import write_report
 
     return write_report(plan, study, time_cases=time_cases)

@@ -70,8 +70,8 @@ def _raw_folder(raw: str | None) -> str:
 
 
 def generate_dataset_command(args: argparse.Namespace) -> None:
-    from nnunet_kd.synthetic import SyntheticSpec, write_dataset
-    from nnunet_kd.synthetic_multimodal import write_multimodal_dataset
+    from nnunet_kd.data.synthetic import SyntheticSpec, write_dataset
+    from nnunet_kd.data.synthetic_multimodal import write_multimodal_dataset
 
     raw = _raw_folder(args.raw)
     spec = SyntheticSpec(num_training=args.num_training, num_test=args.num_test, seed=args.seed,
@@ -123,7 +123,7 @@ DEFAULT_STEP_TRAINERS = ["nnUNetTrainerStudent", "nnUNetTrainerKDLogits", "nnUNe
 
 def _use_demo_workspace_if_unset(workdir: str) -> None:
     """Benchmarks default to the demo's dataset: point nnU-Net at the demo's folders unless the user set them."""
-    from nnunet_kd.demo import workspace_environment
+    from nnunet_kd.tools.demo import workspace_environment
 
     if not os.environ.get("nnUNet_results") and Path(workdir).is_dir():
         os.environ.update(workspace_environment(Path(workdir).resolve()))
@@ -143,7 +143,7 @@ def _default_teacher(dataset: str, configuration: str) -> str:
 
 
 def bench_step_command(args: argparse.Namespace) -> None:
-    from nnunet_kd.bench import bench_step, format_step
+    from nnunet_kd.tools.bench import bench_step, format_step
 
     _use_demo_workspace_if_unset(args.workdir)
     teacher = args.teacher or _default_teacher(args.dataset, args.configuration)
@@ -157,7 +157,7 @@ def bench_step_command(args: argparse.Namespace) -> None:
 def bench_infer_command(args: argparse.Namespace) -> None:
     from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 
-    from nnunet_kd.bench import bench_infer, format_infer
+    from nnunet_kd.tools.bench import bench_infer, format_infer
 
     file_ending = json.loads((Path(args.models[0]) / "dataset.json").read_text())["file_ending"]
     cases = create_lists_from_splitted_dataset_folder(args.images, file_ending)[:args.cases]
@@ -173,7 +173,7 @@ def bench_infer_command(args: argparse.Namespace) -> None:
 def report_command(args: argparse.Namespace) -> None:
     from nnunetv2.paths import nnUNet_results
 
-    from nnunet_kd.bench import report
+    from nnunet_kd.tools.bench import report
 
     _use_demo_workspace_if_unset(args.workdir)
     if not nnUNet_results.is_set():
@@ -193,8 +193,8 @@ DEFAULT_STUDY_TRAINERS = ["nnUNetTrainerStudent", "nnUNetTrainerKDLogits"]
 def study_command(args: argparse.Namespace) -> None:
     from nnunetv2.paths import nnUNet_results
 
-    from nnunet_kd.study import StudyPlan, run_study
-    from nnunet_kd.study_report import write_report
+    from nnunet_kd.tools.study import StudyPlan, run_study
+    from nnunet_kd.tools.study_report import write_report
 
     if args.schedule and (args.epochs or args.iterations or args.val_iterations):
         raise KDConfigurationError("Give either --schedule or --epochs/--iterations/--val-iterations, not both.")
@@ -221,7 +221,7 @@ def study_command(args: argparse.Namespace) -> None:
 
 
 def demo_command(args: argparse.Namespace) -> None:
-    from nnunet_kd.demo import run_demo
+    from nnunet_kd.tools.demo import run_demo
 
     run_demo(Path(args.workdir), args.device, fresh=args.fresh)
 

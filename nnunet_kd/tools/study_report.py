@@ -2,7 +2,7 @@
 
 Dice comes from nnU-Net's `summary.json` files (the final validation of the fold, and the test-set evaluation); a
 case's "mean Dice" is the mean of its foreground classes' Dice, like nnU-Net's `foreground_mean`. The statistics are
-in `nnunet_kd.study_stats`.
+in `nnunet_kd.tools.study_stats`.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_kd.study import Run, StudyPlan, plan_runs
-from nnunet_kd.study_stats import PairedComparison, compare, still_improving
+from nnunet_kd.tools.study import Run, StudyPlan, plan_runs
+from nnunet_kd.tools.study_stats import PairedComparison, compare, still_improving
 
 SPLITS = {"validation": "validation (fold {fold})", "test": "test set"}
 
@@ -121,7 +121,7 @@ def _model_costs(plan: StudyPlan, study: Path, results: dict[str, TrainerResult]
     timed side by side (interleaved per case) in this process."""
     import torch
 
-    from nnunet_kd.bench import _timed, _validation_cases, flops_per_patch, load_predictor
+    from nnunet_kd.tools.bench import _timed, _validation_cases, flops_per_patch, load_predictor
 
     folders = [("teacher", Path(plan.teacher))]
     for name, result in results.items():

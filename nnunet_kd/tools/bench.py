@@ -28,9 +28,7 @@ from nnunet_kd.checkpoints import count_weights, load_checkpoint
 from nnunet_kd.errors import KDConfigurationError
 from nnunet_kd.schedule import split_schedule
 from nnunet_kd.settings import SETTINGS_FILE
-
-# the trainer classes of this source tree (setup_scripts/install.sh installs nnunet-kd from it)
-TRAINERS_FOLDER = Path(__file__).resolve().parents[1] / "trainers"
+from nnunet_kd.tools import TRAINERS_FOLDER
 
 
 def _sync(device: torch.device) -> None:
@@ -192,7 +190,7 @@ def cpu_peak_mib(model_folder: str, folds: Sequence[int | str], case: torch.Tens
     freed by the previous model hides the next one's peak)."""
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(case, os.path.join(tmp, "case.pt"))
-        script = ("import torch; from nnunet_kd.bench import load_predictor, sampled_peak_rss_mib;"
+        script = ("import torch; from nnunet_kd.tools.bench import load_predictor, sampled_peak_rss_mib;"
                   f"p = load_predictor({model_folder!r}, {tuple(folds)!r}, torch.device('cpu'));"
                   f"c = torch.load({os.path.join(tmp, 'case.pt')!r});"
                   "p.predict_logits_from_preprocessed_data(c);"  # warm-up: one-off allocations are not the peak

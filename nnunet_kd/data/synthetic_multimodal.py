@@ -1,6 +1,6 @@
 """A generated 4-modality dataset (channels T1, T2, FLAIR, T1CE, as in BraTS) for fewer-modality distillation.
 
-Each case has the geometry of nnunet_kd.synthetic (organ, 1-3 lesions, a vessel). FLAIR is exactly that module's
+Each case has the geometry of nnunet_kd.data.synthetic (organ, 1-3 lesions, a vessel). FLAIR is exactly that module's
 image, distractors included: lesions differ from the organ by about the noise level, and unlabelled lesion-bright
 blobs lie outside the organ. T2 shows lesions brightly and has no distractors, so a model with T2 finds lesions
 easily; T1CE shows the vessel, T1 the organ but darkens lesions. A student on FLAIR + T1CE lacks the channels that
@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_kd.synthetic import LABELS, SyntheticSpec, _smooth_noise, generate_case, write_generated_dataset
+from nnunet_kd.data.synthetic import LABELS, SyntheticSpec, _smooth_noise, generate_case, write_generated_dataset
 
 CHANNEL_NAMES = {"0": "T1", "1": "T2", "2": "FLAIR", "3": "T1CE"}
 STUDENT_CHANNELS = "FLAIR,T1CE"
 # mean intensity of background, organ, lesion and vessel before bias field and noise, and the (scale, offset) that
-# gives each modality its own intensity range; FLAIR comes from nnunet_kd.synthetic
+# gives each modality its own intensity range; FLAIR comes from nnunet_kd.data.synthetic
 CONTRASTS = {
     "T1": ((0.0, 1.2, 0.6, 0.2), (80.0, 500.0)),
     "T2": ((0.0, 1.0, 3.0, 0.6), (120.0, 200.0)),

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nnunet_kd.checkpoints import count_weights, load_checkpoint
-from nnunet_kd.synthetic import LABELS, SyntheticSpec, write_dataset
+from nnunet_kd.data.synthetic import LABELS, SyntheticSpec, write_dataset
+from nnunet_kd.tools import TRAINERS_FOLDER
 
 DATASET_ID = 900
 DATASET = f"Dataset{DATASET_ID}_KDSynthetic"
@@ -58,7 +59,7 @@ def workspace_environment(workdir: Path) -> dict:
     return {"nnUNet_raw": str(workdir / "raw"), "nnUNet_preprocessed": str(workdir / "preprocessed"),
             "nnUNet_results": str(workdir / "results"),
             "nnUNet_extTrainer": os.environ.get("nnUNet_extTrainer")
-            or str(Path(__file__).resolve().parents[1] / "trainers")}
+            or str(TRAINERS_FOLDER)}
 
 
 def _environment(workdir: Path) -> dict:
@@ -83,7 +84,7 @@ def _inference_seconds_per_case(model_folder: Path, images: list[list[str]], dev
     import numpy as np
     import torch
 
-    from nnunet_kd.bench import load_predictor
+    from nnunet_kd.tools.bench import load_predictor
 
     predictor = load_predictor(str(model_folder), (0,), torch.device(device))
     preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
@@ -181,7 +182,7 @@ def run_demo(workdir: Path, device: str = "cpu", fresh: bool = False) -> list[di
 
 def kd_effect_note(plain: dict, kd: dict, teacher: dict) -> str:
     """KD's difference to the plain student next to its uncertainty: a demo-length run of one seed cannot say more."""
-    from nnunet_kd.study_stats import hierarchical_bootstrap_ci, paired_differences
+    from nnunet_kd.tools.study_stats import hierarchical_bootstrap_ci, paired_differences
 
     differences = paired_differences([kd["case_mean_dice"]], [plain["case_mean_dice"]])
     low, high = hierarchical_bootstrap_ci(differences)

@@ -1,0 +1,1 @@
+"""Generated datasets in nnU-Net raw format, for the demo and the tests."""
