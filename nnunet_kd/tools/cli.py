@@ -213,10 +213,9 @@ def study_command(args: argparse.Namespace) -> None:
                      test_labels=os.path.abspath(args.test_labels) if args.test_labels else None,
                      device=args.device)
     output = Path(args.output or f"study_{dataset}_{args.configuration}_{args.plans}")
-    if args.report_only:
-        write_report(plan, output.resolve(), time_cases=args.time_cases)
-    else:
-        run_study(plan, output, time_cases=args.time_cases, jobs=args.jobs)
+    if not args.report_only:
+        run_study(plan, output, jobs=args.jobs)
+    write_report(plan, output.resolve(), time_cases=args.time_cases)
     print(f"report: {output.resolve() / 'report.md'}")
 
 

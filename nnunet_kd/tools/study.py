@@ -272,8 +272,8 @@ def predict_and_evaluate(model_folder: Path, results_root: Path, trainer_class: 
                                str(model_folder / "plans.json"), str(output / "summary.json"), num_processes=1)
 
 
-def run_study(plan: StudyPlan, study: Path, report: bool = True, time_cases: int = 3, jobs: int = 1) -> Path | None:
-    """Train, validate and test every run that is not done yet, then write the report. Returns the report's path.
+def run_study(plan: StudyPlan, study: Path, jobs: int = 1) -> None:
+    """Train, validate and test every run that is not done yet (`nnunet_kd.tools.study_report` then reports).
 
     `jobs` > 1 trains that many runs at once (a GPU with room for several small students); runs still start in
     seed order.
@@ -311,8 +311,3 @@ def run_study(plan: StudyPlan, study: Path, report: bool = True, time_cases: int
         teacher = Path(plan.teacher)
         predict_and_evaluate(teacher, teacher.parents[1], teacher.name.split("__")[0], plan,
                              study / "predictions" / "teacher", study / "logs" / "teacher_predict.log")
-    if not report:
-        return None
-    from nnunet_kd.tools.study_report import write_report
-
-    return write_report(plan, study, time_cases=time_cases)
