@@ -6,4 +6,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$repo/setup_scripts/install.sh"
 venv=${VIRTUAL_ENV:-$repo/.venv}
 cd "$repo"
-exec "$venv/bin/nnunet_kd" demo "$@"
+"$venv/bin/nnunet_kd" demo "$@"
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+  echo "nnunet_kd and nnU-Net's commands are in $venv: 'source $venv/bin/activate' puts them on your PATH."
+fi

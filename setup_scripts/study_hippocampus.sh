@@ -9,7 +9,7 @@
 # Environment (defaults in brackets):
 #   WIDTHS ["0.25"]   student widths; one study per width, in WORKDIR/study_w<width>
 #   TRAINERS ["nnUNetTrainerStudent nnUNetTrainerKDLogits"]   the first is the no-KD baseline
-#   SEEDS ["0 1 2"]   EPOCHS [60] x ITERATIONS [50]: the students' schedule   DEVICE [cpu]   JOBS [1]: runs at once
+#   SEEDS ["0 1 2"]   EPOCHS [40] x ITERATIONS [50]: the students' schedule   DEVICE [cpu]   JOBS [1]: runs at once
 #   CONFIG [2d]: 2d trains on a batch-32 variant of nnU-Net's plans; 3d_fullres on nnU-Net's own plans
 #   TEACHER_SCHEDULE [40x50]: the teacher is nnUNetTrainer_<TEACHER_SCHEDULE> (trainers/nnUNetTrainer_schedules.py)
 # Re-running continues where it stopped; more TRAINERS or SEEDS later extend the same study.
@@ -22,7 +22,7 @@ work=$(mkdir -p "${2:-study_hippocampus}" && cd "${2:-study_hippocampus}" && pwd
 widths=${WIDTHS:-0.25}
 trainers=${TRAINERS:-nnUNetTrainerStudent nnUNetTrainerKDLogits}
 seeds=${SEEDS:-0 1 2}
-epochs=${EPOCHS:-60} iterations=${ITERATIONS:-50} device=${DEVICE:-cpu} jobs=${JOBS:-1}
+epochs=${EPOCHS:-40} iterations=${ITERATIONS:-50} device=${DEVICE:-cpu} jobs=${JOBS:-1}
 cfg=${CONFIG:-2d} teacher=nnUNetTrainer_${TEACHER_SCHEDULE:-40x50}
 
 export nnUNet_raw=$work/raw nnUNet_preprocessed=$work/preprocessed nnUNet_results=$work/results

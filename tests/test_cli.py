@@ -30,3 +30,10 @@ def test_report_without_workspace_says_where_it_looked(tmp_path, monkeypatch, ca
     assert main(["report"]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "nnunet_kd_demo") in err and "relative to the current folder" in err
+
+
+def test_schedules_lists_where_generated_trainer_names_come_from(capsys):
+    assert main(["schedules"]) == 0
+    out = capsys.readouterr().out
+    assert "_demo       num_epochs=6, num_iterations_per_epoch=20" in out and "_40x50" in out
+    assert "nnUNet_KD_num_epochs" in out

@@ -81,3 +81,12 @@ def test_demo_puts_kd_difference_next_to_its_interval():
     note = kd_effect_note(plain, kd, {"mean_dice": 0.8})
     assert "+0.100 mean Dice, 50% of the teacher-student gap" in note
     assert "95 % CI over the 2 held-out cases [+0.100, +0.100]" in note and "nnunet_kd study" in note
+
+
+def test_demo_reads_per_case_mean_dice_from_nnunet_metrics():
+    from nnunet_kd.tools.demo import _case_mean_dice
+
+    metrics = {"metric_per_case": [
+        {"reference_file": "/l/case_2.nii.gz", "metrics": {"1": {"Dice": 0.5}, "2": {"Dice": float("nan")}}},
+        {"reference_file": "/l/case_1.nii.gz", "metrics": {"1": {"Dice": 0.2}, "2": {"Dice": 0.4}}}]}
+    assert _case_mean_dice(metrics) == pytest.approx([0.3, 0.5])  # sorted by case; NaN (nothing to find) left out

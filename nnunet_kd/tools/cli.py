@@ -219,6 +219,18 @@ def study_command(args: argparse.Namespace) -> None:
     print(f"report: {output.resolve() / 'report.md'}")
 
 
+def schedules_command(args: argparse.Namespace) -> None:
+    from nnunet_kd.schedule import SCHEDULES
+
+    print("Every trainer in trainers/ (and the stock nnUNetTrainer) has a variant <trainer>_<schedule>, made in "
+          "trainers/nnUNetTrainer_schedules.py from this table (nnunet_kd/schedule.py); nnU-Net ships "
+          "nnUNetTrainer_<N>epochs itself:")
+    for name, attributes in SCHEDULES.items():
+        print(f"  _{name:<10} " + ", ".join(f"{k}={v}" for k, v in attributes.items()))
+    print("Any other length: nnUNet_KD_num_epochs, nnUNet_KD_iterations_per_epoch, nnUNet_KD_val_iterations_per_epoch "
+          "(this package's trainers).")
+
+
 def demo_command(args: argparse.Namespace) -> None:
     from nnunet_kd.tools.demo import run_demo
 
@@ -277,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-p", "--plans", default="nnUNetPlans")
     p.add_argument("--cases", type=int, default=5, help="training cases to check (default: 5)")
     p.set_defaults(func=check_channels_command)
+
+    p = sub.add_parser("schedules", help="the named schedules: where nnUNetTrainerKDLogits_demo and the like come from")
+    p.set_defaults(func=schedules_command)
 
     p = sub.add_parser("demo", help="teacher, student and KD student end to end on the generated dataset")
     p.add_argument("--workdir", default="nnunet_kd_demo", help="folder for raw, preprocessed and results data")
