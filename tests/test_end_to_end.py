@@ -51,7 +51,7 @@ def test_kd_logits_student_trains_logs_and_checkpoints_only_the_student(workspac
     log = next(fold.glob("training_log_*.txt")).read_text()
     assert re.search(r"seg_loss \d+\.\d+, kd_loss \d+\.\d+", log)
     assert "Knowledge distillation (nnUNetTrainerKDLogits_debug)" in log
-    assert (fold / "progress.png").is_file()
+    assert (fold / "progress.png").is_file() and (fold / "progress_kd.png").is_file()
 
     settings = json.loads((fold / "kd_settings.json").read_text())
     assert settings["settings"] == {"alpha": 1.0, "temperature": 2.0, "scales": "full"}

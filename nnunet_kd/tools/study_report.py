@@ -223,7 +223,8 @@ def format_markdown(plan: StudyPlan, study: Path, results: dict[str, TrainerResu
             lines.append("")
     lines += ["## Every run", "",
               "Validation mean Dice per seed. *still improving*: nnU-Net's EMA pseudo Dice rose by more than 0.01 over "
-              "the last 20 % of the epochs, so the run had not converged.", "",
+              "the last 20 % of the epochs, so the run had not converged; *X not learned*: class X has Dice below 0.05 "
+              "where the teacher's is above.", "",
               "| trainer | " + " | ".join(f"seed {s}" for s in plan.seeds) + " |",
               "|---|" + "---|" * len(plan.seeds)]
     for name, result in results.items():
@@ -233,8 +234,14 @@ def format_markdown(plan: StudyPlan, study: Path, results: dict[str, TrainerResu
                 cells.append("not run yet")
                 continue
             i = result.seeds.index(seed)
-            value = float(np.nanmean(result.scores["validation"][i].mean_per_case))
-            cells.append(f"{value:.3f}{' *still improving*' if result.improving[i] else ''}")
+            scores = result.scores["validation"][i]
+            value = float(np.nanmean(scores.mean_per_case))
+            # a class the teacher finds but this run never learned (nnU-Net's all-background start, not left)
+            missed = [c for k, c in enumerate(scores.classes)
+                      if np.nanmean(scores.dice[:, k]) < 0.05 <= np.nanmean(teacher["validation"].dice[:, k])]
+            flags = (" *still improving*" if result.improving[i] else "") + \
+                (f" *{', '.join(missed)} not learned*" if missed else "")
+            cells.append(f"{value:.3f}{flags}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
     if costs:
