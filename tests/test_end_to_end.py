@@ -402,7 +402,8 @@ def test_report_tabulates_models_and_the_gap_kd_closed(workspace, kd_student_3d,
     assert header[:6] == ["trainer", "plans", "config", "fold", "params", "GFLOPs/patch"]
     assert header[-3:] == ["HD95", "cpu s/case", "KD gap closed"]
     rows = {(r[0], r[1], r[2], r[3]): r for r in
-            ([c.strip() for c in line.strip("|").split("|")] for line in lines[4:])}
+            ([c.strip() for c in line.strip("|").split("|")] for line in lines[4:] if line.startswith("|"))}
+    assert any("same plans, fold and named schedule" in line for line in lines)  # says what it compared
     kd = rows[("nnUNetTrainerKDLogits_debug", STUDENT_PLANS, "3d_fullres", "0")]
     # a percentage, or n/a where the debug-schedule teacher is no better than the plain student (no gap to close)
     assert re.fullmatch(r"-?\d+%|n/a", kd[-1])
