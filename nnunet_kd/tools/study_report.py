@@ -208,9 +208,9 @@ def format_markdown(plan: StudyPlan, study: Path, results: dict[str, TrainerResu
                       "Paired by seed and case. CI: 95 % hierarchical bootstrap (seeds, then cases within seeds). "
                       "Gap closed: (KD − baseline) / (teacher − baseline) on mean Dice. Won / lost: (seed, case) "
                       "pairs where KD's Dice is higher / lower by more than 0.001."
-                      + (f" With {len(plan.seeds)} seeds the bootstrap can draw only a few distinct seed sets, so the "
+                      + (f" With {n_seeds} seeds the bootstrap can draw only a few distinct seed sets, so the "
                          f"interval is approximate: read it together with the per-seed differences."
-                         if len(plan.seeds) < 5 else ""), "",
+                         if (n_seeds := max(len(seeds) for _, seeds in compared[split].values())) < 5 else ""), "",
                       "| trainer | seeds | Δ mean Dice | 95 % CI | per seed Δ | gap closed | won / lost / tied |",
                       "|---|---|---|---|---|---|---|"]
             for name, (c, seeds) in compared[split].items():
