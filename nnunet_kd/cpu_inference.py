@@ -47,6 +47,16 @@ def use_onednn_convolutions(network: nn.Module) -> nn.Module:
     return network
 
 
+def use_stock_convolutions(network: nn.Module) -> nn.Module:
+    """Undo `use_onednn_convolutions` in place, e.g. before tracing the network for export."""
+    for module in network.modules():
+        if type(module) is OneDNNConv3d:
+            module.__class__ = nn.Conv3d
+        elif type(module) is OneDNNConv2d:
+            module.__class__ = nn.Conv2d
+    return network
+
+
 def build_network_with_onednn(plans_manager, configuration_manager, num_input_channels: int,
                               num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
     """nnU-Net's network from the plans (nnUNetTrainer.build_network_architecture), with oneDNN convolutions.

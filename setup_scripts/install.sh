@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install nnunet-kd with nnU-Net v2 and the test tools.
+# Install nnunet-kd with nnU-Net v2, ONNX export and the test tools.
 # Target: the active virtual environment if there is one, else <repo>/.venv (created on first use; reused after).
 # torch: an installed torch (CUDA or CPU build) that satisfies the requirement is kept as it is. To choose a build
 # yourself, install it first, e.g. `pip install torch --index-url https://download.pytorch.org/whl/cpu`.

@@ -1,5 +1,10 @@
 """Command-line errors are one clear line (exit 2), never a traceback."""
+import os
+import subprocess
+import sys
+
 import pytest
+from conftest import REPO
 
 from nnunet_kd.tools.cli import main
 
@@ -37,3 +42,27 @@ def test_schedules_lists_where_generated_trainer_names_come_from(capsys):
     out = capsys.readouterr().out
     assert "_demo       num_epochs=6, num_iterations_per_epoch=20" in out and "_40x50" in out
     assert "nnUNet_KD_num_epochs" in out
+
+
+def test_trainer_modules_import_nothing_beyond_nnunet_and_this_package():
+    # nnU-Net's trainer search imports every module in nnUNet_extTrainer at every nnUNetv2_predict call: a trainer
+    # module that pulled in another library would slow every prediction
+    script = """
+import os, sys
+import nnunetv2
+from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+recursive_find_python_class(os.path.join(nnunetv2.__path__[0], "training", "nnUNetTrainer"), "NoSuchTrainer",
+                            "nnunetv2.training.nnUNetTrainer")
+before = set(sys.modules)
+sys.path.insert(0, sys.argv[1])
+for module in sorted(os.listdir(sys.argv[1])):
+    if module.endswith(".py"):
+        __import__(module[:-3])
+print("\\n".join(sorted(set(sys.modules) - before)))
+"""
+    proc = subprocess.run([sys.executable, "-c", script, str(REPO / "trainers")], capture_output=True, text=True,
+                          env={**os.environ, "nnUNet_raw": "", "nnUNet_preprocessed": "", "nnUNet_results": ""})
+    assert proc.returncode == 0, proc.stderr
+    new = proc.stdout.split()
+    assert any(m.startswith("nnUNetTrainerKD") for m in new)
+    assert [m for m in new if not (m.startswith("nnunet_kd") or m.startswith("nnUNetTrainer"))] == []

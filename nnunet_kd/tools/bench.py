@@ -234,6 +234,31 @@ def load_predictor(model_folder: str, folds, device: torch.device, checkpoint: s
     return predictor
 
 
+def network_costs(predictors: Sequence, cases: Sequence[torch.Tensor], device: torch.device,
+                  warmup: int = 1) -> list[dict]:
+    """Parameters, FLOPs per patch and median network seconds per case (stock sliding window and mirroring on
+    preprocessed cases) of each predictor, timed side by side: interleaved per case, after warm-up."""
+    rows = []
+    for predictor in predictors:
+        patch = list(predictor.configuration_manager.patch_size)
+        rows.append({"trainer": predictor.trainer_name, "plans": predictor.plans_manager.plans_name,
+                     "parameters": sum(p.numel() for p in predictor.network.parameters()),
+                     "flops_per_patch": flops_per_patch(predictor.network, len(predictor.dataset_json["channel_names"]),
+                                                        patch),
+                     "patch_size": patch, "times": []})
+    for _ in range(warmup if cases else 0):
+        for predictor in predictors:
+            predictor.predict_logits_from_preprocessed_data(cases[0])
+    for case in cases:
+        for row, predictor in zip(rows, predictors):
+            row["times"].append(_timed(lambda p=predictor, c=case: p.predict_logits_from_preprocessed_data(c),
+                                       device))
+    for row in rows:
+        times = row.pop("times")
+        row["seconds_per_case"] = statistics.median(times) if times else None
+    return rows
+
+
 def bench_infer(model_folders: Sequence[str], images: Sequence[Sequence[str]], device: str = "cpu",
                 folds: Sequence[int | str] = (0,), warmup: int = 1) -> dict:
     """Stock nnUNetPredictor on the same cases for every model, interleaved per case; network time only
@@ -247,28 +272,14 @@ def bench_infer(model_folders: Sequence[str], images: Sequence[Sequence[str]], d
         data, _, _ = preprocessor.run_case(list(files), None, first.plans_manager, first.configuration_manager,
                                            first.dataset_json)
         cases.append(torch.from_numpy(data))
-    rows = []
-    for folder, predictor in zip(model_folders, predictors):
-        patch = predictor.configuration_manager.patch_size
-        channels = cases[0].shape[0]
-        rows.append({"model": folder, "trainer": predictor.trainer_name, "plans": predictor.plans_manager.plans_name,
-                     "parameters": sum(p.numel() for p in predictor.network.parameters()),
-                     "flops_per_patch": flops_per_patch(predictor.network, channels, patch),
-                     "patch_size": list(patch), "times": [], "peak_memory_mib": 0.0})
-    for _ in range(warmup):
-        for predictor in predictors:
-            predictor.predict_logits_from_preprocessed_data(cases[0])
-    for case in cases:
-        for row, predictor in zip(rows, predictors):
-            row["times"].append(_timed(lambda p=predictor, c=case: p.predict_logits_from_preprocessed_data(c),
-                                       torch_device))
-    for row, predictor in zip(rows, predictors):
-        row["seconds_per_case"] = statistics.median(row.pop("times"))
+    rows = network_costs(predictors, cases, torch_device, warmup)
+    for folder, row, predictor in zip(model_folders, rows, predictors):
+        row["model"] = folder
         if torch_device.type == "cuda":
             row["peak_memory_mib"] = _cuda_peak_mib(lambda p=predictor: p.predict_logits_from_preprocessed_data(
                 cases[0]), torch_device)
         else:
-            row["peak_memory_mib"] = cpu_peak_mib(row["model"], folds, cases[0])
+            row["peak_memory_mib"] = cpu_peak_mib(folder, folds, cases[0])
     for row in rows:
         row["speed_ratio"] = rows[0]["seconds_per_case"] / row["seconds_per_case"]
     return {"device": device, "cases": len(cases), "models": rows}
@@ -352,12 +363,9 @@ def report(results_dataset_folder: Path, device: str = "cpu", time_cases: int = 
     for row in rows:
         predictor = load_predictor(str(row["model"]), (row["fold"] if row["fold"] == "all" else int(row["fold"]),),
                                     torch_device)
-        patch = predictor.configuration_manager.patch_size
-        cases = _validation_cases(row, predictor, time_cases)
-        row["flops"] = flops_per_patch(predictor.network, len(predictor.dataset_json["channel_names"]), patch)
-        row["seconds_per_case"] = statistics.median(
-            _timed(lambda p=predictor, c=c: p.predict_logits_from_preprocessed_data(c), torch_device) for c in cases) \
-            if cases else None
+        costs = network_costs([predictor], validation_cases(row["model"], row["fold"], predictor, time_cases),
+                              torch_device)[0]
+        row["flops"], row["seconds_per_case"] = costs["flops_per_patch"], costs["seconds_per_case"]
     for row in rows:
         row["gap_closed"] = _gap_closed(row, rows)
     classes = list(rows[0]["dice"])
@@ -379,14 +387,14 @@ def report(results_dataset_folder: Path, device: str = "cpu", time_cases: int = 
     return "\n".join(lines)
 
 
-def _validation_cases(row: dict, predictor, limit: int) -> list[torch.Tensor]:
+def validation_cases(model_folder: Path, fold: int | str, predictor, limit: int) -> list[torch.Tensor]:
     """Up to `limit` preprocessed validation cases of the model's fold, as the final validation saw them."""
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
     if limit <= 0 or not nnUNet_preprocessed.is_set():
         return []
-    validation = row["model"] / f"fold_{row['fold']}" / "validation"
+    validation = Path(model_folder) / f"fold_{fold}" / "validation"
     keys = sorted(p.name.removesuffix(predictor.dataset_json["file_ending"]) for p in validation.iterdir()
                   if p.name.endswith(predictor.dataset_json["file_ending"]))[:limit]
     folder = Path(nnUNet_preprocessed.get()) / predictor.plans_manager.dataset_name / \

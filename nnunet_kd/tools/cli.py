@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from nnunet_kd.errors import KDConfigurationError
+from nnunet_kd.tools import TRAINERS_FOLDER
 
 
 def dataset_name(dataset: str) -> str:
@@ -170,6 +171,21 @@ def bench_infer_command(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(result, indent=2))
 
 
+def bench_predict_command(args: argparse.Namespace) -> None:
+    from nnunet_kd.tools.bench_predict import bench_predict, format_predict
+
+    variants = [v.strip() for v in args.variants.split(";")]
+    variants = ["" if v == "defaults" else v for v in variants if v]
+    result = bench_predict(args.models, args.images, variants, args.labels, args.repeats, args.folds,
+                           stages=not args.no_stages)
+    table = format_predict(result)
+    print(table)
+    if args.output:
+        Path(args.output).write_text(table + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
 def report_command(args: argparse.Namespace) -> None:
     from nnunetv2.paths import nnUNet_results
 
@@ -229,6 +245,44 @@ def schedules_command(args: argparse.Namespace) -> None:
         print(f"  _{name:<10} " + ", ".join(f"{k}={v}" for k, v in attributes.items()))
     print("Any other length: nnUNet_KD_num_epochs, nnUNet_KD_iterations_per_epoch, nnUNet_KD_val_iterations_per_epoch "
           "(this package's trainers).")
+
+
+def _model_folder(args: argparse.Namespace) -> str:
+    if args.model:
+        return args.model
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    if not args.dataset:
+        raise KDConfigurationError("Name the model: -m MODEL_FOLDER, or -d DATASET with -tr/-p/-c as for "
+                                   "nnUNetv2_predict.")
+    return get_output_folder(dataset_name(args.dataset), args.trainer, args.plans, args.configuration)
+
+
+def export_command(args: argparse.Namespace) -> None:
+    from nnunet_kd.export import export_onnx
+
+    model = _model_folder(args)
+    if not os.environ.get("nnUNet_extTrainer"):
+        os.environ["nnUNet_extTrainer"] = str(TRAINERS_FOLDER)  # rebuilding this package's students needs it
+    manifest = export_onnx(model, args.output, args.folds, args.checkpoint, args.force)
+    for fold, check in manifest["folds_checked"].items():
+        print(f"fold {fold}: {Path(args.output) / f'fold_{fold}' / 'network.onnx'} (largest logit difference to "
+              f"torch on a random tile: {check['max_abs_logit_difference']:.2g})")
+    print(f"predict with: nnunet_kd predict-onnx -i INPUT_FOLDER -o OUTPUT_FOLDER -m {args.output}")
+
+
+def predict_onnx_command(args: argparse.Namespace) -> None:
+    from nnunet_kd.export import load_onnx_predictor
+
+    predictor = load_onnx_predictor(args.model, args.folds, args.step_size, not args.disable_tta, args.threads,
+                                    allow_tqdm=not args.disable_progress_bar)
+    if args.npp == 0 and args.nps == 0:  # as nnUNetv2_predict: no worker processes to start
+        predictor.predict_from_files_sequential(args.input, args.output, save_probabilities=args.save_probabilities,
+                                                overwrite=not args.continue_prediction)
+    else:
+        predictor.predict_from_files(args.input, args.output, save_probabilities=args.save_probabilities,
+                                     overwrite=not args.continue_prediction, num_processes_preprocessing=args.npp,
+                                     num_processes_segmentation_export=args.nps)
 
 
 def demo_command(args: argparse.Namespace) -> None:
@@ -325,6 +379,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     p.set_defaults(func=bench_infer_command)
 
+    p = bench.add_parser("predict", help="whole prediction commands (stock nnUNetv2_predict, or predict-onnx for an "
+                                         "export) side by side: call, start-up, per case, stages, Dice of each flag")
+    p.add_argument("models", nargs="+", help="trained model folders and/or `nnunet_kd export` folders; speed-ups are "
+                                             "relative to the first")
+    p.add_argument("-i", "--images", required=True, help="folder of images in nnU-Net naming (_0000...)")
+    p.add_argument("-l", "--labels", default=None, help="their reference segmentations: score every call's output")
+    p.add_argument("--variants", default="defaults; --disable_tta",
+                   help="prediction flags to compare, separated by ';', 'defaults' for none, e.g. "
+                        "'defaults; --disable_tta; --disable_tta -step_size 0.75; -npp 1 -nps 1' "
+                        "(default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="calls per model and variant (median; default: 3)")
+    p.add_argument("-f", "--folds", nargs="+", default=["0"])
+    p.add_argument("--no-stages", action="store_true", help="skip the per-stage split")
+    p.add_argument("-o", "--output", default=None, help="also write the Markdown table here")
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=bench_predict_command)
+
     p = sub.add_parser("report", help="Markdown table of every trained model of a dataset (validation Dice, size, "
                                       "speed, KD gap closed)")
     p.add_argument("dataset", nargs="?", default="900")
@@ -360,6 +431,36 @@ def main(argv: list[str] | None = None) -> int:
                                                        "GPU; default: 1)")
     p.add_argument("--report-only", action="store_true", help="write the report from the runs finished so far")
     p.set_defaults(func=study_command)
+
+    p = sub.add_parser("export", help="write a trained model (e.g. a KD student) as ONNX for deployment; predict it "
+                                      "with predict-onnx, without torch networks, trainers or the teacher")
+    p.add_argument("-m", "--model", default=None, help="trained model folder (trainer__plans__configuration)")
+    p.add_argument("-d", "--dataset", default=None, help="or: dataset name or id, with -tr, -p, -c")
+    p.add_argument("-tr", "--trainer", default="nnUNetTrainer")
+    p.add_argument("-p", "--plans", default="nnUNetPlans")
+    p.add_argument("-c", "--configuration", default="3d_fullres")
+    p.add_argument("-f", "--folds", nargs="+", default=None, help="folds to export (default: every trained fold)")
+    p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
+    p.add_argument("-o", "--output", required=True, help="export folder (must be new or empty unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an earlier export in the output folder")
+    p.set_defaults(func=export_command)
+
+    p = sub.add_parser("predict-onnx", help="nnU-Net's prediction (preprocessing, sliding window, mirroring, export) "
+                                            "with an exported ONNX model on the CPU; flags as for nnUNetv2_predict")
+    p.add_argument("-i", "--input", required=True, help="folder of images in nnU-Net naming (_0000...)")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-m", "--model", required=True, help="folder written by `nnunet_kd export`")
+    p.add_argument("-f", "--folds", nargs="+", default=None, help="default: every exported fold (averaged)")
+    p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring (faster; see README for its Dice cost)")
+    p.add_argument("-npp", type=int, default=3, help="preprocessing processes (default: 3; 0 with -nps 0: none)")
+    p.add_argument("-nps", type=int, default=3, help="segmentation export processes (default: 3; 0 with -npp 0: "
+                                                     "none, one case after the other in this process)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: its own choice)")
+    p.add_argument("--save_probabilities", action="store_true")
+    p.add_argument("--continue_prediction", action="store_true", help="skip cases already predicted")
+    p.add_argument("--disable_progress_bar", action="store_true")
+    p.set_defaults(func=predict_onnx_command)
 
     args = parser.parse_args(argv)
     try:

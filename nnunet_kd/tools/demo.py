@@ -16,7 +16,7 @@ from pathlib import Path
 
 from nnunet_kd.checkpoints import count_weights, load_checkpoint
 from nnunet_kd.data.synthetic import LABELS, SyntheticSpec, write_dataset
-from nnunet_kd.tools import TRAINERS_FOLDER
+from nnunet_kd.tools import TRAINERS_FOLDER, command_environment
 
 DATASET_ID = 900
 DATASET = f"Dataset{DATASET_ID}_KDSynthetic"
@@ -63,16 +63,11 @@ def workspace_environment(workdir: Path) -> dict:
 
 
 def _environment(workdir: Path) -> dict:
-    env = dict(os.environ)
-    env.update(workspace_environment(workdir))
-    env.update({
-        # nnU-Net's commands live next to this Python, also when its environment is not activated
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
-        "nnUNet_n_proc_DA": env.get("nnUNet_n_proc_DA", str(max(1, min(4, (os.cpu_count() or 2) - 1)))),
-        "nnUNet_def_n_proc": env.get("nnUNet_def_n_proc", str(min(4, os.cpu_count() or 2))),
-        "PYTHONUNBUFFERED": "1",
+    return command_environment({
+        **workspace_environment(workdir),
+        "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", str(max(1, min(4, (os.cpu_count() or 2) - 1)))),
+        "nnUNet_def_n_proc": os.environ.get("nnUNet_def_n_proc", str(min(4, os.cpu_count() or 2))),
     })
-    return env
 
 
 def _parameters(model_folder: Path) -> int:

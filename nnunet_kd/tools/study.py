@@ -14,7 +14,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,7 @@ from nnunet_kd.settings import (
     ENV_TEACHER,
     ENV_VAL_ITERATIONS_PER_EPOCH,
 )
-from nnunet_kd.tools import TRAINERS_FOLDER
+from nnunet_kd.tools import TRAINERS_FOLDER, command_environment
 
 STUDY_FILE = "study.json"
 # what may differ when a study is re-run into the same folder: more trainers or seeds, another test set or device
@@ -152,18 +151,6 @@ def _jsonable(value):
     return json.loads(json.dumps(value))
 
 
-def _command_environment(extra: dict[str, str]) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({
-        # nnU-Net's commands live next to this Python, also when its environment is not activated
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
-        "nnUNet_extTrainer": env.get("nnUNet_extTrainer") or str(TRAINERS_FOLDER),
-        "PYTHONUNBUFFERED": "1",
-        **extra,
-    })
-    return env
-
-
 def _run_command(args: list[str], env: dict[str, str], log_file: Path) -> None:
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "a") as log:
@@ -252,7 +239,7 @@ def train(run: Run) -> None:
         args.append("--val")  # trained, but the final validation did not finish
     elif (run.fold_folder / "checkpoint_latest.pth").is_file():
         args.append("--c")
-    env = _command_environment({**plan.environment(), ENV_SEED: str(run.seed),
+    env = command_environment({**plan.environment(), ENV_SEED: str(run.seed),
                                 "nnUNet_results": str(run.results_root)})
     _run_command(args, env, run.log_file)
 
@@ -267,7 +254,7 @@ def predict_and_evaluate(model_folder: Path, results_root: Path, trainer_class: 
     args = ["nnUNetv2_predict", "-i", plan.test_images, "-o", str(output), "-d", plan.dataset,
             "-c", plan.configuration, "-f", str(plan.fold), "-tr", trainer_class, "-p", plans, "-device",
             plan.device, "-npp", "1", "-nps", "1", "--disable_progress_bar"]
-    _run_command(args, _command_environment({"nnUNet_results": str(results_root)}), log_file)
+    _run_command(args, command_environment({"nnUNet_results": str(results_root)}), log_file)
     compute_metrics_on_folder2(plan.test_labels, str(output), str(model_folder / "dataset.json"),
                                str(model_folder / "plans.json"), str(output / "summary.json"), num_processes=1)
 

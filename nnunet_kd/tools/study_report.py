@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,7 +120,7 @@ def _model_costs(plan: StudyPlan, study: Path, results: dict[str, TrainerResult]
     timed side by side (interleaved per case) in this process."""
     import torch
 
-    from nnunet_kd.tools.bench import _timed, _validation_cases, flops_per_patch, load_predictor
+    from nnunet_kd.tools.bench import load_predictor, network_costs, validation_cases
 
     folders = [("teacher", Path(plan.teacher))]
     for name, result in results.items():
@@ -129,25 +128,12 @@ def _model_costs(plan: StudyPlan, study: Path, results: dict[str, TrainerResult]
             folders.append((name, Run(result.seeds[0], name, study, plan).model_folder))
     device = torch.device("cpu")
     predictors = [load_predictor(str(folder), (plan.fold,), device) for _, folder in folders]
-    cases = _validation_cases({"model": folders[-1][1], "fold": plan.fold}, predictors[-1], time_cases)
+    cases = validation_cases(folders[-1][1], plan.fold, predictors[-1], time_cases)
     rows = []
-    for (name, folder), predictor in zip(folders, predictors):
-        channels = len(predictor.dataset_json["channel_names"])
-        rows.append({"model": name, "folder": str(folder),
-                     "parameters": sum(p.numel() for p in predictor.network.parameters()),
-                     "gflops_per_patch": flops_per_patch(predictor.network, channels,
-                                                         predictor.configuration_manager.patch_size) / 1e9,
-                     "times": []})
-    if cases:
-        for predictor in predictors:  # warm-up
-            predictor.predict_logits_from_preprocessed_data(cases[0])
-        for case in cases:
-            for row, predictor in zip(rows, predictors):
-                row["times"].append(_timed(lambda p=predictor, c=case: p.predict_logits_from_preprocessed_data(c),
-                                           device))
-    for row in rows:
-        times = row.pop("times")
-        row["cpu_seconds_per_case"] = statistics.median(times) if times else None
+    for (name, folder), costs in zip(folders, network_costs(predictors, cases, device)):
+        rows.append({"model": name, "folder": str(folder), "parameters": costs["parameters"],
+                     "gflops_per_patch": costs["flops_per_patch"] / 1e9,
+                     "cpu_seconds_per_case": costs["seconds_per_case"]})
     return rows
 
 

@@ -1,0 +1,124 @@
+"""Shipping a student: ONNX export with nnU-Net's own prediction around ONNX Runtime, and nnU-Net's model zip.
+
+A user exports a trained KD student, predicts with `nnunet_kd predict-onnx` in an environment that knows nothing of
+the teacher, the trainers folder or nnU-Net's results folder, and gets what stock `nnUNetv2_predict` gives.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import DATASET, DATASET_ID, STUDENT_PLANS
+
+STUDENT_TRAINER = "nnUNetTrainerKDLogits_debug"
+
+
+def _stock_predict(workspace, out, *flags, env=None):
+    workspace.run("nnUNetv2_predict", "-i", str(workspace.raw / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID),
+                  "-c", "3d_fullres", "-f", "0", "-tr", STUDENT_TRAINER, "-p", STUDENT_PLANS, "-device", "cpu",
+                  "-npp", "1", "-nps", "1", "--save_probabilities", *flags, env=env)
+    return out
+
+
+def _without_nnunet_folders(workspace) -> dict:
+    # what a deployment machine has: no nnU-Net folders, no trainers folder
+    return {key: "" for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer")}
+
+
+def _cases(folder):
+    return sorted(p.name for p in folder.glob("*.nii.gz"))
+
+
+def _same_predictions(a, b) -> None:
+    assert _cases(a) and _cases(a) == _cases(b)
+    for case in _cases(a):
+        seg_a, seg_b = (sitk.GetArrayFromImage(sitk.ReadImage(str(f / case))) for f in (a, b))
+        assert np.array_equal(seg_a, seg_b), case
+        prob_a, prob_b = (np.load(f / case.replace(".nii.gz", ".npz"))["probabilities"] for f in (a, b))
+        # float rounding differs between ONNX Runtime and torch kernels; resampling carries it over
+        np.testing.assert_allclose(prob_a, prob_b, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def onnx_student(workspace, kd_student_3d, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "student_onnx"
+    proc = workspace.run("nnunet_kd", "export", "-d", str(DATASET_ID), "-tr", STUDENT_TRAINER, "-p", STUDENT_PLANS,
+                         "-c", "3d_fullres", "-o", str(out))
+    assert "largest logit difference" in proc.stdout
+    return out
+
+
+@pytest.mark.parametrize("flags", [(), ("--disable_tta",)], ids=["mirroring", "no-mirroring"])
+def test_onnx_student_predicts_what_stock_nnunet_predicts(workspace, onnx_student, tmp_path, flags):
+    expected = _stock_predict(workspace, tmp_path / "torch", *flags)
+    workspace.run("nnunet_kd", "predict-onnx", "-i", str(workspace.raw / "imagesTs"), "-o", str(tmp_path / "onnx"),
+                  "-m", str(onnx_student), "-npp", "1", "-nps", "1", "--save_probabilities", "--disable_progress_bar",
+                  *flags, env=_without_nnunet_folders(workspace))
+    _same_predictions(expected, tmp_path / "onnx")
+
+
+def test_export_manifest_records_what_was_exported(onnx_student, kd_student_3d):
+    manifest = json.loads((onnx_student / "nnunet_kd_export.json").read_text())
+    assert manifest["folds"] == ["0"] and manifest["configuration"] == "3d_fullres"
+    assert manifest["trainer_name"] == STUDENT_TRAINER
+    assert manifest["folds_checked"]["0"]["max_abs_logit_difference"] < 1e-3
+    assert (onnx_student / "fold_0" / "network.onnx").stat().st_size > 0
+    assert json.loads((onnx_student / "plans.json").read_text()) == json.loads(
+        (kd_student_3d / "plans.json").read_text())
+
+
+def test_export_never_overwrites_and_names_wrong_folders(workspace, onnx_student, kd_student_3d, tmp_path):
+    before = (onnx_student / "fold_0" / "network.onnx").stat().st_mtime_ns
+    proc = workspace.run("nnunet_kd", "export", "-m", str(kd_student_3d), "-o", str(onnx_student), check=False)
+    assert proc.returncode == 2 and "--force" in proc.stderr
+    assert (onnx_student / "fold_0" / "network.onnx").stat().st_mtime_ns == before
+
+    proc = workspace.run("nnunet_kd", "export", "-m", str(kd_student_3d), "-f", "3", "-o", str(tmp_path / "x"),
+                         check=False)
+    assert proc.returncode == 2 and "Fold(s) 3" in proc.stderr and not (tmp_path / "x").exists()
+
+    # a trained model folder given where an export is expected
+    proc = workspace.run("nnunet_kd", "predict-onnx", "-i", str(workspace.raw / "imagesTs"), "-o",
+                         str(tmp_path / "p"), "-m", str(kd_student_3d), check=False)
+    assert proc.returncode == 2 and "nnunet_kd export" in proc.stderr
+    proc = workspace.run("nnunet_kd", "predict-onnx", "-i", str(workspace.raw / "imagesTs"), "-o",
+                         str(tmp_path / "p"), "-m", str(onnx_student), "-f", "1", check=False)
+    assert proc.returncode == 2 and "holds folds 0" in proc.stderr
+
+
+def test_student_ships_as_an_nnunet_model_zip_without_the_teacher(workspace, kd_student_3d, tmp_path):
+    archive = tmp_path / "student.zip"
+    workspace.run("nnUNetv2_export_model_to_zip", "-d", str(DATASET_ID), "-c", "3d_fullres", "-tr", STUDENT_TRAINER,
+                  "-p", STUDENT_PLANS, "-f", "0", "-o", str(archive))
+    elsewhere = tmp_path / "results"
+    elsewhere.mkdir()
+    workspace.run("nnUNetv2_install_pretrained_model_from_zip", str(archive), env={"nnUNet_results": str(elsewhere)})
+    installed = elsewhere / DATASET / kd_student_3d.name
+    assert (installed / "fold_0" / "checkpoint_final.pth").is_file()
+    assert [p.name for p in elsewhere.joinpath(DATASET).iterdir()] == [kd_student_3d.name]  # no teacher
+    expected = _stock_predict(workspace, tmp_path / "here")
+    _same_predictions(expected, _stock_predict(workspace, tmp_path / "installed",
+                                               env={"nnUNet_results": str(elsewhere)}))
+
+
+def test_bench_predict_times_whole_calls_and_scores_each_flag(workspace, teacher_3d, kd_student_3d, onnx_student,
+                                                              tmp_path):
+    table = tmp_path / "predict.md"
+    workspace.run("nnunet_kd", "bench", "predict", str(teacher_3d), str(kd_student_3d), str(onnx_student),
+                  "-i", str(workspace.raw / "imagesTs"), "-l", str(workspace.raw / "labelsTs"), "--repeats", "1",
+                  "--variants", "defaults; --disable_tta -npp 0 -nps 0", "--json", str(tmp_path / "r.json"),
+                  "-o", str(table))
+    runs = json.loads((tmp_path / "r.json").read_text())["runs"]
+    assert [(r["onnx"], r["flags"]) for r in runs] == [
+        (False, ""), (False, ""), (True, ""),
+        (False, "--disable_tta -npp 0 -nps 0"), (False, "--disable_tta -npp 0 -nps 0"),
+        (True, "--disable_tta -npp 0 -nps 0")]
+    for run in runs:
+        assert 0 <= run["mean_dice"] <= 1
+        assert 0 < run["startup_seconds"] < run["call_seconds"]
+        assert set(run["stages"]) == {"preprocessing", "network", "export"}
+    # the ONNX student and the torch student predict the same segmentations, so they score the same
+    assert runs[1]["mean_dice"] == pytest.approx(runs[2]["mean_dice"], abs=1e-6)
+    assert runs[0]["call_speedup"] == 1.0 and "student_onnx (ONNX)" in table.read_text()
