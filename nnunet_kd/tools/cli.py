@@ -276,6 +276,7 @@ def predict_onnx_command(args: argparse.Namespace) -> None:
 
     predictor = load_onnx_predictor(args.model, args.folds, args.step_size, not args.disable_tta, args.threads,
                                     allow_tqdm=not args.disable_progress_bar)
+    Path(args.output).mkdir(parents=True, exist_ok=True)  # as nnUNetv2_predict does; the sequential path expects it
     if args.npp == 0 and args.nps == 0:  # as nnUNetv2_predict: no worker processes to start
         predictor.predict_from_files_sequential(args.input, args.output, save_probabilities=args.save_probabilities,
                                                 overwrite=not args.continue_prediction)
