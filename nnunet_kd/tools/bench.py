@@ -260,7 +260,7 @@ def network_costs(predictors: Sequence, cases: Sequence[torch.Tensor], device: t
 
 
 def bench_infer(model_folders: Sequence[str], images: Sequence[Sequence[str]], device: str = "cpu",
-                folds: Sequence[int | str] = (0,), warmup: int = 1) -> dict:
+                folds: Sequence[int | str] = (0,), warmup: int = 1, memory: bool = True) -> dict:
     """Stock nnUNetPredictor on the same cases for every model, interleaved per case; network time only
     (sliding window + mirroring at nnU-Net's defaults), preprocessing done once beforehand."""
     torch_device = torch.device(device)
@@ -275,7 +275,9 @@ def bench_infer(model_folders: Sequence[str], images: Sequence[Sequence[str]], d
     rows = network_costs(predictors, cases, torch_device, warmup)
     for folder, row, predictor in zip(model_folders, rows, predictors):
         row["model"] = folder
-        if torch_device.type == "cuda":
+        if not memory:
+            row["peak_memory_mib"] = None
+        elif torch_device.type == "cuda":
             row["peak_memory_mib"] = _cuda_peak_mib(lambda p=predictor: p.predict_logits_from_preprocessed_data(
                 cases[0]), torch_device)
         else:

@@ -17,6 +17,7 @@ from pathlib import Path
 from nnunet_kd.checkpoints import count_weights, load_checkpoint
 from nnunet_kd.data.synthetic import LABELS, SyntheticSpec, write_dataset
 from nnunet_kd.tools import TRAINERS_FOLDER, command_environment
+from nnunet_kd.tools.bench import bench_infer
 
 DATASET_ID = 900
 DATASET = f"Dataset{DATASET_ID}_KDSynthetic"
@@ -72,30 +73,6 @@ def _environment(workdir: Path) -> dict:
 
 def _parameters(model_folder: Path) -> int:
     return count_weights(load_checkpoint(model_folder / "fold_0" / "checkpoint_final.pth")["network_weights"])
-
-
-def _inference_seconds_per_case(model_folder: Path, images: list[list[str]], device: str) -> float:
-    """Median network time per case (sliding window + mirroring, nnU-Net's defaults), preprocessing excluded."""
-    import numpy as np
-    import torch
-
-    from nnunet_kd.tools.bench import load_predictor
-
-    predictor = load_predictor(str(model_folder), (0,), torch.device(device))
-    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
-    times = []
-    for files in images:
-        data, _, _ = preprocessor.run_case(files, None, predictor.plans_manager, predictor.configuration_manager,
-                                           predictor.dataset_json)
-        data = torch.from_numpy(data)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        predictor.predict_logits_from_preprocessed_data(data)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def _evaluate(predictions: Path, labels: Path) -> dict:
@@ -161,15 +138,17 @@ def run_demo(workdir: Path, device: str = "cpu", fresh: bool = False) -> list[di
               "-f", "0", "-tr", model.trainer, "-p", model.plans, "-device", device, "-npp", "1", "-nps", "1"],
              env, workdir / "logs" / f"predict_{model.folder_name}.log")
         metrics = _evaluate(out, raw / "labelsTs")
-        _log(f"timing {model.title} inference on {len(test_cases)} held-out cases")
         rows.append({
             "model": model.title, "trainer": model.trainer, "plans": model.plans,
             "parameters": _parameters(results / model.folder_name),
-            "seconds_per_case": _inference_seconds_per_case(results / model.folder_name, test_cases, device),
             "dice": {name: metrics["mean"][value]["Dice"] for name, value in LABELS.items() if value > 0},
             "mean_dice": metrics["foreground_mean"]["Dice"],
             "case_mean_dice": _case_mean_dice(metrics),
         })
+    _log(f"timing the models' inference on {len(test_cases)} held-out cases, side by side")
+    timed = bench_infer([str(results / m.folder_name) for m in models], test_cases, device, memory=False)
+    for row, costs in zip(rows, timed["models"]):
+        row["seconds_per_case"] = costs["seconds_per_case"]
     (workdir / "demo_results.json").write_text(json.dumps(rows, indent=2))
     print(format_table(rows, device, time.time() - started), flush=True)
     return rows
@@ -200,7 +179,8 @@ def format_table(rows: list[dict], device: str, seconds: float) -> str:
                      f"{row['seconds_per_case']:>9.2f}" + "".join(f"{row['dice'][n]:>9.3f}" for n in names)
                      + f"{row['mean_dice']:>8.3f}")
     notes = [f"Dice on {DEMO_SPEC.num_test} held-out cases (nnUNetv2_predict, nnU-Net's evaluation); s/case: median "
-             f"network time per case on {device} (sliding window with mirroring, preprocessing excluded)."]
+             f"network time per case on {device}, the models timed side by side (sliding window with mirroring, "
+             f"preprocessing excluded)."]
     if len(rows) == 3:
         notes.append(kd_effect_note(rows[1], rows[2], teacher))
     notes.append(f"Demo wall time: {seconds / 60:.1f} min.")
