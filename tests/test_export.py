@@ -32,20 +32,27 @@ def _cases(folder):
 
 
 def _same_predictions(a, b) -> None:
+    """Probabilities equal up to float rounding; segmentations identical wherever the winning class is not a near-tie
+    (a 6-iteration student leaves voxels whose top two classes differ by less than the rounding)."""
     assert _cases(a) and _cases(a) == _cases(b)
     for case in _cases(a):
         seg_a, seg_b = (sitk.GetArrayFromImage(sitk.ReadImage(str(f / case))) for f in (a, b))
-        assert np.array_equal(seg_a, seg_b), case
         prob_a, prob_b = (np.load(f / case.replace(".nii.gz", ".npz"))["probabilities"] for f in (a, b))
-        # float rounding differs between ONNX Runtime and torch kernels; resampling carries it over
+        # ONNX Runtime's and torch's kernels round differently; resampling carries it over
         np.testing.assert_allclose(prob_a, prob_b, atol=1e-3)
+        assert prob_a.shape[1:] == seg_a.shape == seg_b.shape
+        top_two = np.sort(prob_a, axis=0)[-2:]
+        clear = top_two[1] - top_two[0] > 2e-3
+        assert np.array_equal(seg_a[clear], seg_b[clear]), case
+        assert np.mean(seg_a != seg_b) < 1e-3, case
 
 
 @pytest.fixture(scope="module")
 def onnx_student(workspace, kd_student_3d, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "student_onnx"
+    # fold 0 only: other tests of the session train further folds of the same trainer
     proc = workspace.run("nnunet_kd", "export", "-d", str(DATASET_ID), "-tr", STUDENT_TRAINER, "-p", STUDENT_PLANS,
-                         "-c", "3d_fullres", "-o", str(out))
+                         "-c", "3d_fullres", "-f", "0", "-o", str(out))
     assert "largest logit difference" in proc.stdout
     return out
 
