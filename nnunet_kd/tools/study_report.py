@@ -141,6 +141,11 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
 
+def _gap(gap_closed: float | None) -> str:
+    # no gap to close where the teacher is not better than the baseline
+    return "n/a" if gap_closed is None or not np.isfinite(gap_closed) else f"{gap_closed * 100:.0f} %"
+
+
 def _mean_sd(values: list[float]) -> str:
     if not values:
         return "n/a"
@@ -204,7 +209,7 @@ def format_markdown(plan: StudyPlan, study: Path, results: dict[str, TrainerResu
                 lines.append(f"| {name} | {len(seeds)} | {c.mean_difference:+.4f}{verdict} | "
                              f"[{c.ci_low:+.4f}, {c.ci_high:+.4f}] | "
                              + ", ".join(f"{s}: {d:+.3f}" for s, d in zip(seeds, c.per_seed_difference))
-                             + f" | {_fmt(c.gap_closed * 100 if c.gap_closed is not None else None, 0)} % | "
+                             + f" | {_gap(c.gap_closed)} | "
                              f"{c.wins} / {c.losses} / {c.ties} |")
             lines.append("")
     lines += ["## Every run", "",
