@@ -14,6 +14,7 @@ With reference labels, every call's predictions are scored with nnU-Net's evalua
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import statistics
@@ -130,8 +131,6 @@ def stage_seconds(model: str | Path, cases: Sequence[Sequence[str]], flags: Sequ
 
 
 def _mean_dice(predictions: Path, labels: Path, model: str | Path) -> float:
-    import json
-
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
@@ -190,8 +189,6 @@ def bench_predict(models: Sequence[str | Path], images: str | Path, variants: Se
 
 
 def _file_ending(model: str | Path) -> str:
-    import json
-
     path = Path(model) / "dataset.json"
     if not path.is_file():
         raise KDConfigurationError(f"{model} is neither a trained model folder nor an export (no dataset.json).")
