@@ -12,6 +12,9 @@
 #   SEEDS ["0 1 2"]   EPOCHS [40] x ITERATIONS [50]: the students' schedule   DEVICE [cpu]   JOBS [1]: runs at once
 #   CONFIG [2d]: 2d trains on a batch-32 variant of nnU-Net's plans; 3d_fullres on nnU-Net's own plans
 #   TEACHER_SCHEDULE [40x50]: the teacher is nnUNetTrainer_<TEACHER_SCHEDULE> (trainers/nnUNetTrainer_schedules.py)
+#   FOLD [0]: the cross-validation fold the teacher and the students train on and are validated on. Settings are
+#     chosen on another fold than the one reported (fold 1 here, fold 0 in BENCHMARKS.md); FOLD other than 0 writes
+#     WORKDIR/study_<config>_w<width>_fold<FOLD>
 # Re-running continues where it stopped; more TRAINERS or SEEDS later extend the same study.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -23,7 +26,9 @@ widths=${WIDTHS:-0.25}
 trainers=${TRAINERS:-nnUNetTrainerStudent nnUNetTrainerKDLogits}
 seeds=${SEEDS:-0 1 2}
 epochs=${EPOCHS:-40} iterations=${ITERATIONS:-50} device=${DEVICE:-cpu} jobs=${JOBS:-1}
-cfg=${CONFIG:-2d} teacher=nnUNetTrainer_${TEACHER_SCHEDULE:-40x50}
+cfg=${CONFIG:-2d} teacher=nnUNetTrainer_${TEACHER_SCHEDULE:-40x50} fold=${FOLD:-0}
+# fold 0 keeps the names of the first studies
+suffix=$([ "$fold" = 0 ] || echo "_fold$fold")
 
 export nnUNet_raw=$work/raw nnUNet_preprocessed=$work/preprocessed nnUNet_results=$work/results
 export nnUNet_extTrainer=${nnUNet_extTrainer:-$repo/trainers}
@@ -57,19 +62,19 @@ if not target.is_file() or json.loads(target.read_text()) != plans:
 PY
 fi
 
-teacher_fold=$nnUNet_results/$dataset/${teacher}__${plans}__${cfg}/fold_0
+teacher_fold=$nnUNet_results/$dataset/${teacher}__${plans}__${cfg}/fold_$fold
 if [ ! -f "$teacher_fold/validation/summary.json" ]; then
   resume=(); [ -f "$teacher_fold/checkpoint_latest.pth" ] && resume=(--c)
-  step "training the teacher: $teacher -p $plans (log: $work/logs/teacher_$cfg.log)"
-  nnUNetv2_train $id "$cfg" 0 -tr "$teacher" -p $plans -device "$device" "${resume[@]}" \
-    >> "$work/logs/teacher_$cfg.log" 2>&1
+  step "training the teacher: $teacher -p $plans (log: $work/logs/teacher_$cfg$suffix.log)"
+  nnUNetv2_train $id "$cfg" "$fold" -tr "$teacher" -p $plans -device "$device" "${resume[@]}" \
+    >> "$work/logs/teacher_$cfg$suffix.log" 2>&1
 fi
-grep -h "Mean Validation Dice" "$work/logs/teacher_$cfg.log" | tail -1 || true
+grep -h "Mean Validation Dice" "$work/logs/teacher_$cfg$suffix.log" | tail -1 || true
 
 for width in $widths; do
   nnunet_kd student-plans $id -c "$cfg" -p $plans --width "$width"
   # shellcheck disable=SC2086  # word splitting of the lists is intended
   nnunet_kd study $id -c "$cfg" -p "${plans}_KDStudent_w${width}" --teacher "${teacher}__${plans}__${cfg}" \
     --trainers $trainers --seeds $seeds --epochs "$epochs" --iterations "$iterations" --val-iterations 10 \
-    --device "$device" --jobs "$jobs" -o "$work/study_${cfg}_w${width}"
+    --device "$device" --jobs "$jobs" --fold "$fold" -o "$work/study_${cfg}_w${width}$suffix"
 done
