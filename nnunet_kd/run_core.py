@@ -28,7 +28,14 @@ from nnunet_kd.errors import KDConfigurationError
 from nnunet_kd.progress import KDLocalLogger
 from nnunet_kd.schedule import apply_schedule_from_environment
 from nnunet_kd.seeding import seed_from_environment
-from nnunet_kd.settings import SETTINGS_FILE, BaseKDSettings, read_settings_file, write_settings_file
+from nnunet_kd.settings import (
+    ENV_TEACHER_TARGETS,
+    SETTINGS_FILE,
+    BaseKDSettings,
+    RunEnvironment,
+    read_settings_file,
+    write_settings_file,
+)
 from nnunet_kd.training import backward_and_step
 
 KD_STATE_SUFFIX = ".kd_state.pth"
@@ -45,6 +52,8 @@ class nnUNetTrainerKDRun(nnUNetTrainer):
     kd_defaults: ClassVar[BaseKDSettings]
     # what train_step returns besides 'loss'; each is logged per epoch as 'train_<part>' and drawn in progress.png
     kd_loss_parts: ClassVar[tuple[str, ...]]
+    # whether the method can learn from stored teacher outputs (nnUNet_KD_teacher_targets) instead of a teacher network
+    reads_stored_targets: ClassVar[bool] = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -59,6 +68,9 @@ class nnUNetTrainerKDRun(nnUNetTrainer):
     # ---- start ----
     def check_run_environment(self) -> None:
         """Warn about stray `nnUNet_KD_*` variables; refuse a `--c` that could not continue the same run."""
+        if RunEnvironment.read().teacher_targets and not self.reads_stored_targets:
+            raise KDConfigurationError(f"{type(self).__name__} needs its teacher network during training, so it cannot "
+                                       f"learn from stored teacher targets. Unset {ENV_TEACHER_TARGETS}.")
         ignored = self.kd_defaults.ignored_environment()
         if ignored:
             self.print_to_log_file(f"WARNING: {ignored} are set but {type(self).__name__} does not use them.")

@@ -21,6 +21,7 @@ SETTINGS_FILE = "kd_settings.json"
 ENV_TEACHER = ENV_PREFIX + "teacher"
 ENV_TEACHER_FOLDS = ENV_PREFIX + "teacher_folds"
 ENV_TEACHER_CHECKPOINT = ENV_PREFIX + "teacher_checkpoint"
+ENV_TEACHER_TARGETS = ENV_PREFIX + "teacher_targets"
 ENV_SEED = ENV_PREFIX + "seed"
 ENV_NUM_EPOCHS = ENV_PREFIX + "num_epochs"
 ENV_ITERATIONS_PER_EPOCH = ENV_PREFIX + "iterations_per_epoch"
@@ -28,7 +29,8 @@ ENV_VAL_ITERATIONS_PER_EPOCH = ENV_PREFIX + "val_iterations_per_epoch"
 # training-length variable -> the nnUNetTrainer attribute it sets
 SCHEDULE_VARIABLES = {ENV_NUM_EPOCHS: "num_epochs", ENV_ITERATIONS_PER_EPOCH: "num_iterations_per_epoch",
                       ENV_VAL_ITERATIONS_PER_EPOCH: "num_val_iterations_per_epoch"}
-RUN_VARIABLES = (ENV_TEACHER, ENV_TEACHER_FOLDS, ENV_TEACHER_CHECKPOINT, ENV_SEED, *SCHEDULE_VARIABLES)
+RUN_VARIABLES = (ENV_TEACHER, ENV_TEACHER_FOLDS, ENV_TEACHER_CHECKPOINT, ENV_TEACHER_TARGETS, ENV_SEED,
+                 *SCHEDULE_VARIABLES)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -87,12 +89,15 @@ class RunEnvironment:
     teacher, teacher_folds, teacher_checkpoint: the teacher model folder (a `trainer__plans__configuration` name under
     `$nnUNet_results/<dataset>` or an absolute path), its fold(s) (several form an ensemble) and checkpoint file.
     seed: seeds Python, NumPy and torch when a trainer starts. num_epochs, iterations_per_epoch,
-    val_iterations_per_epoch: training length, for lengths no named schedule class covers.
+    val_iterations_per_epoch: training length, for lengths no named schedule class covers. teacher_targets: stored
+    teacher outputs (`nnunet_kd teacher-targets`, a name under `$nnUNet_preprocessed/<dataset>/kd_targets` or a
+    folder) that replace the teacher network.
     """
 
     teacher: str | None = None
     teacher_folds: tuple[int | str, ...] | None = None
     teacher_checkpoint: str | None = None
+    teacher_targets: str | None = None
     seed: int | None = None
     schedule: tuple[tuple[str, int], ...] = ()  # (nnUNetTrainer attribute, value) pairs
 
@@ -105,6 +110,7 @@ class RunEnvironment:
             teacher=get(ENV_TEACHER),
             teacher_folds=parse_folds(get(ENV_TEACHER_FOLDS)) if get(ENV_TEACHER_FOLDS) else None,
             teacher_checkpoint=get(ENV_TEACHER_CHECKPOINT),
+            teacher_targets=get(ENV_TEACHER_TARGETS),
             seed=_whole_number(ENV_SEED, get(ENV_SEED), 0) if get(ENV_SEED) else None,
             schedule=tuple((attribute, _whole_number(name, get(name), 1))
                            for name, attribute in SCHEDULE_VARIABLES.items() if get(name)))

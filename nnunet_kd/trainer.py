@@ -2,8 +2,10 @@
 
 A KD trainer is an ordinary nnUNetTrainer whose network is the student. The teacher is loaded, checked and frozen at
 the start of training, outside `self.network`, so checkpoints, validation and `nnUNetv2_predict` see only the
-student, rebuilt from the plans by the inherited static `build_network_architecture`. The run's bookkeeping (seed,
-settings, run record, resume, loss-part logging) is the shared core's (`nnunet_kd.run_core`).
+student, rebuilt from the plans by the inherited static `build_network_architecture`. With
+`nnUNet_KD_teacher_targets` no teacher is loaded: the teacher's stored outputs come with each batch through nnU-Net's
+data loader and augmentation (`nnunet_kd.teacher_targets`). The run's bookkeeping (seed, settings, run record,
+resume, loss-part logging) is the shared core's (`nnunet_kd.run_core`).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from nnunet_kd.cpu_inference import build_network_with_onednn
 from nnunet_kd.errors import KDConfigurationError
 from nnunet_kd.losses import DeepSupervisionKD, kd_scale_weights
 from nnunet_kd.run_core import nnUNetTrainerKDRun
-from nnunet_kd.settings import SETTINGS_FILE, BaseKDSettings, KDSettings
+from nnunet_kd.settings import ENV_TEACHER_TARGETS, SETTINGS_FILE, BaseKDSettings, KDSettings, RunEnvironment
 from nnunet_kd.teacher import (
     FrozenTeacher,
     TeacherSpec,
@@ -27,6 +29,13 @@ from nnunet_kd.teacher import (
     file_sha256,
     load_teacher,
     resolve_teacher_spec,
+)
+from nnunet_kd.teacher_targets import (
+    StoredTargets,
+    TargetsDataset,
+    split_batch,
+    teacher_outputs_from_targets,
+    with_stored_targets,
 )
 from nnunet_kd.training import batch_to_device
 
@@ -41,8 +50,10 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
     kd_defaults: ClassVar[BaseKDSettings] = KDSettings()
     # what train_step returns besides 'loss'; each is logged per epoch as 'train_<part>' and drawn in progress.png
     kd_loss_parts: ClassVar[tuple[str, ...]] = ("seg_loss", "kd_loss")
-    # whether the KD terms compare deep-supervision outputs with the teacher's own (multi-scale KD)
+    # whether the KD terms compare deep-supervision outputs with the teacher's own (multi-scale KD); with stored
+    # targets the teacher's lower scales are area-resampled from its full-resolution output instead
     teacher_deep_supervision: ClassVar[bool] = False
+    reads_stored_targets = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -50,6 +61,8 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
         self.teacher_spec = resolve_teacher_spec(os.environ.get("nnUNet_results"), self.plans_manager.dataset_name,
                                                  configuration, fold)
         self.teacher: FrozenTeacher | None = None
+        self.targets_request = RunEnvironment.read().teacher_targets  # a name or folder, or None: online teacher
+        self.stored_targets: StoredTargets | None = None
         self.kd_terms: dict[str, tuple[nn.Module, float]] = {}
 
     def build_kd_loss(self, activation: str) -> nn.Module:
@@ -81,11 +94,49 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
         `teacher` replaces the one the environment named (tools such as `nnunet_kd bench` pass it explicitly).
         """
         if teacher is not None:
-            self.teacher_spec = teacher
+            self.teacher_spec, self.targets_request = teacher, None
         self.check_run_environment()
+        if self.targets_request is not None:
+            self.save_run_record(self.run_record(**self.use_stored_targets()))
+            return
         checksums = self.check_teacher()
         self.load_frozen_teacher()
         self.save_run_record(self.run_record(**self.distillation_record(checksums)))
+
+    def use_stored_targets(self) -> dict:
+        """Check the stored targets against this run (before any step), build the KD terms; the run record's
+        sections."""
+        targets = StoredTargets.locate(self.targets_request, self.preprocessed_dataset_folder_base)
+        problems = targets.problems(self.plans_manager, self.configuration_name, self.configuration_manager,
+                                    self.dataset_json, self.do_split()[0])
+        changed = targets.changed_teacher_checkpoints()
+        if changed:
+            problems.append(f"the teacher checkpoint(s) {changed} changed since the targets were written; write them "
+                            f"again (`nnunet_kd teacher-targets --force`)")
+        recorded = (self.recorded_run or {}).get("teacher_targets")
+        if recorded is not None and recorded["manifest_sha256"] != targets.digest():
+            problems.append(f"they are not the targets this training started with ({recorded['folder']}), so --c "
+                            f"would not continue the same run; restore them, or start a new training without --c")
+        if problems:
+            raise KDConfigurationError(f"{ENV_TEACHER_TARGETS}: the stored teacher targets {targets.folder} cannot "
+                                       f"teach this student ({self.plans_manager.plans_name}, "
+                                       f"{self.configuration_name}, fold {self.fold}):\n  - " + "\n  - ".join(problems))
+        self.stored_targets = targets
+        self.kd_terms = self.build_kd_terms(self.output_activation, self.num_outputs)
+        self.print_to_log_file(f"Knowledge distillation ({type(self).__name__}) from stored teacher targets "
+                               f"{targets.folder} (teacher {targets.manifest['teacher']['model_folder']} folds "
+                               f"{targets.manifest['teacher']['folds']}, mirroring "
+                               f"{targets.manifest['teacher']['mirroring']}): no teacher network is loaded. Settings "
+                               f"{self.kd_settings.to_json()}", also_print_to_console=True)
+        return {"loss": self.loss_record(), "teacher_targets": targets.record(), "student": self.student_record()}
+
+    @property
+    def output_activation(self) -> str:
+        return "sigmoid" if self.label_manager.has_regions else "softmax"
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self._get_deep_supervision_scales()) if self.enable_deep_supervision else 1
 
     def check_teacher(self) -> list[str]:
         """The teacher's files exist and, on --c, are the ones the run started with; returns their SHA-256."""
@@ -109,9 +160,7 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
                                        + "\n  - ".join(problems))
         self.teacher = teacher.module
         self._loaded_teacher = teacher
-        num_outputs = len(self._get_deep_supervision_scales()) if self.enable_deep_supervision else 1
-        activation = "sigmoid" if self.label_manager.has_regions else "softmax"
-        self.kd_terms = self.build_kd_terms(activation, num_outputs)
+        self.kd_terms = self.build_kd_terms(self.output_activation, self.num_outputs)
         if ("seg_loss", *self.kd_terms) != tuple(self.kd_loss_parts[:1 + len(self.kd_terms)]):
             raise RuntimeError(f"{type(self).__name__}.kd_loss_parts {self.kd_loss_parts} must start with 'seg_loss' "
                                f"and the KD terms {list(self.kd_terms)}")
@@ -120,21 +169,16 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
         """The run record's sections for a frozen-teacher run; also logged."""
         teacher = self._loaded_teacher
         padding = self.teacher.padding_for(self.configuration_manager.patch_size)
-        activation = "sigmoid" if self.label_manager.has_regions else "softmax"
         student_parameters = sum(p.numel() for p in self.network.parameters())
         record = {
-            "loss": {"activation": activation, "seg_weight": self.seg_loss_weight,
-                     "terms": {name: {"weight": weight, "weights_per_output": getattr(module, "weights", None)}
-                               for name, (module, weight) in self.kd_terms.items()}},
+            "loss": self.loss_record(),
             "teacher": {**self.teacher_spec.to_json(), "trainer": teacher.trainer_name,
                         "plans": teacher.plans_manager.plans_name,
                         "data_identifier": teacher.configuration_manager.data_identifier,
                         "patch_size": list(teacher.configuration_manager.patch_size),
                         "num_parameters": teacher.num_parameters, "checkpoint_sha256": checksums,
                         "input_padding": padding},
-            "student": {"plans": self.plans_manager.plans_name, "configuration": self.configuration_name,
-                        "patch_size": list(self.configuration_manager.patch_size),
-                        "num_parameters": student_parameters},
+            "student": self.student_record(),
             **self.kd_record_extras(),
         }
         self.print_to_log_file(f"Knowledge distillation ({type(self).__name__}): settings "
@@ -149,12 +193,33 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
                                    also_print_to_console=True)
         return record
 
+    def loss_record(self) -> dict:
+        return {"activation": self.output_activation, "seg_weight": self.seg_loss_weight,
+                "terms": {name: {"weight": weight, "weights_per_output": getattr(module, "weights", None)}
+                          for name, (module, weight) in self.kd_terms.items()}}
+
+    def student_record(self) -> dict:
+        return {"plans": self.plans_manager.plans_name, "configuration": self.configuration_name,
+                "patch_size": list(self.configuration_manager.patch_size),
+                "num_parameters": sum(p.numel() for p in self.network.parameters())}
+
     def kd_record_extras(self) -> dict:
         """What a trainer adds to kd_settings.json besides the settings, the loss, the teacher and the student."""
         return {}
 
     def adopt_recorded_run(self, record: dict) -> None:
         super().adopt_recorded_run(record)
+        stored = record.get("teacher_targets")
+        if stored is not None or self.targets_request is not None:
+            recorded_request = None if stored is None else stored["folder"]
+            if recorded_request != self.targets_request:
+                self.print_to_log_file(f"Resuming with the teacher this training started with ({SETTINGS_FILE}): "
+                                       f"{'stored targets ' + recorded_request if stored else 'online'}; the current "
+                                       f"environment asked for {self.targets_request or 'an online teacher'}.",
+                                       also_print_to_console=True)
+            self.targets_request = recorded_request
+            if stored is not None:
+                return
         recorded = TeacherSpec(record["teacher"]["model_folder"], tuple(record["teacher"]["folds"]),
                                record["teacher"]["checkpoint_name"])
         if recorded != self.teacher_spec:
@@ -163,14 +228,38 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
                                    also_print_to_console=True)
         self.teacher_spec = recorded
 
+    # ---- stored targets: carried by the training data loader, through nnU-Net's augmentation ----
+    def get_tr_and_val_datasets(self):
+        dataset_train, dataset_val = super().get_tr_and_val_datasets()
+        if self.stored_targets is not None:
+            dataset_train = TargetsDataset(dataset_train, self.stored_targets.folder)
+        return dataset_train, dataset_val
+
+    def get_training_transforms(self, *args, **kwargs):
+        # nnU-Net declares this static but calls it on the trainer, so an instance can add its stored targets
+        transforms = super().get_training_transforms(*args, **kwargs)
+        return transforms if self.stored_targets is None else with_stored_targets(transforms, self.num_input_channels)
+
+    def inputs_and_targets(self, batch: dict) -> tuple[torch.Tensor, object, torch.Tensor | None]:
+        """The batch on the device: image, labels, and the stored teacher targets (None: the teacher runs online)."""
+        data, target = batch_to_device(batch, self.device)
+        if self.stored_targets is None:
+            return data, target, None
+        data, stored = split_batch(data, self.num_input_channels)
+        return data, target, stored
+
+    def teacher_output(self, data: torch.Tensor, stored: torch.Tensor | None, like):
+        """The teacher network's output, or the stored targets at the resolution of each output in `like`."""
+        return self.teacher(data) if stored is None else teacher_outputs_from_targets(stored, like)
+
     # ---- training ----
     def train_step(self, batch: dict) -> dict:
-        data, target = batch_to_device(batch, self.device)
+        data, target, stored = self.inputs_and_targets(batch)
 
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            teacher_output = self.teacher(data)
             output = self.network(data)
+            teacher_output = self.teacher_output(data, stored, output)
             parts = {"seg_loss": self.loss(output, target)}
             parts.update({name: module(output, teacher_output) for name, (module, _) in self.kd_terms.items()})
             loss = self.seg_loss_weight * parts["seg_loss"] + sum(weight * parts[name]

@@ -26,7 +26,6 @@ from nnunet_kd.losses import SoftTargetKDLoss
 from nnunet_kd.settings import GrowingAssistantSettings
 from nnunet_kd.teacher import TeacherSpec
 from nnunet_kd.trainer import nnUNetTrainerKD
-from nnunet_kd.training import batch_to_device
 
 
 class nnUNetTrainerKDGrowingAssistant(nnUNetTrainerKD):
@@ -111,13 +110,13 @@ class nnUNetTrainerKDGrowingAssistant(nnUNetTrainerKD):
 
     # ---- training ----
     def train_step(self, batch: dict) -> dict:
-        data, target = batch_to_device(batch, self.device)
+        data, target, stored = self.inputs_and_targets(batch)
         kd, alpha = self.kd_terms["kd_loss"][0], self.kd_settings.alpha
 
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            teacher_output = self.teacher(data)
             assistant_output = self.assistant_slice(data)
+            teacher_output = self.teacher_output(data, stored, assistant_output)
             student_output = self.student_slice(data)
             detached = [o.detach() for o in assistant_output] if isinstance(assistant_output, (list, tuple)) \
                 else assistant_output.detach()

@@ -286,6 +286,39 @@ def predict_onnx_command(args: argparse.Namespace) -> None:
                                      num_processes_segmentation_export=args.nps)
 
 
+def teacher_targets_command(args: argparse.Namespace) -> None:
+    import torch
+    from nnunetv2.paths import nnUNet_results
+
+    from nnunet_kd.teacher import TeacherSpec
+    from nnunet_kd.teacher_targets import default_targets_name, summarise, targets_root, write_teacher_targets
+
+    name = dataset_name(args.dataset)
+    folder = args.teacher or f"nnUNetTrainer__nnUNetPlans__{args.configuration}"
+    if not os.path.isdir(folder) and nnUNet_results.is_set():  # a model folder name, as nnUNet_KD_teacher takes
+        folder = os.path.join(nnUNet_results.get(), name, folder)
+    folds = args.folds
+    if folds is None:  # as nnUNetv2_predict: every fold that has the checkpoint
+        folds = sorted(p.parent.name.removeprefix("fold_") for p in Path(folder).glob(f"fold_*/{args.checkpoint}"))
+        if not folds:
+            raise KDConfigurationError(f"No fold of {folder} has {args.checkpoint}. Train the teacher first, or pass "
+                                       f"--teacher / -f / --checkpoint.")
+    spec = TeacherSpec(os.path.abspath(folder), tuple(f if f == "all" else int(f) for f in folds), args.checkpoint)
+    mirroring = not args.disable_tta
+    output = targets_root(_dataset_folder(args.dataset)) / (args.name or default_targets_name(spec, mirroring))
+    print(f"teacher {spec.model_folder}, folds {list(spec.folds)}, mirroring {mirroring} -> {output}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    manifest = write_teacher_targets(spec, _dataset_folder(args.dataset), args.plans, args.configuration, output,
+                                     mirroring, args.step_size, device, args.force)
+    summary = summarise(manifest)
+    print(f"{summary['cases']} cases, {summary['total_mib']:.1f} MiB on disk ({summary['mean_case_mib']:.2f} MiB per "
+          f"case; float32 uncompressed: {summary['float32_mib']:.1f} MiB). float16 against float32: largest error "
+          f"{summary['max_abs_error']:.2g} in {manifest['stored']}, {summary['max_abs_probability_error']:.2g} in "
+          f"probabilities (mean {summary['mean_abs_probability_error']:.2g}).")
+    print(f"train from them: nnUNet_KD_teacher_targets={output.name} nnUNetv2_train {args.dataset} "
+          f"{args.configuration} FOLD -tr nnUNetTrainerKDLogits -p STUDENT_PLANS")
+
+
 def demo_command(args: argparse.Namespace) -> None:
     from nnunet_kd.tools.demo import run_demo
 
@@ -432,6 +465,31 @@ def main(argv: list[str] | None = None) -> int:
                                                        "GPU; default: 1)")
     p.add_argument("--report-only", action="store_true", help="write the report from the runs finished so far")
     p.set_defaults(func=study_command)
+
+    p = sub.add_parser("teacher-targets", help="run a teacher (a fold or a fold ensemble, with mirroring) once over "
+                                               "every preprocessed case and store its outputs, so that KD trainers "
+                                               "train without a teacher network (nnUNet_KD_teacher_targets)")
+    p.add_argument("dataset", help="dataset name or id, as for nnUNetv2_train")
+    p.add_argument("-c", "--configuration", required=True, help="configuration whose preprocessed data to predict")
+    p.add_argument("-p", "--plans", default="nnUNetPlans",
+                   help="plans of the preprocessed data: the teacher's or the student's (they share the data; "
+                        "default: %(default)s)")
+    p.add_argument("--teacher", default=None, help="teacher model folder, or trainer__plans__configuration under "
+                                                   "$nnUNet_results/<dataset> (default: nnUNetTrainer__nnUNetPlans__"
+                                                   "<configuration>)")
+    p.add_argument("-f", "--folds", nargs="+", default=None,
+                   help="teacher folds, averaged as an ensemble (default: every fold with the checkpoint)")
+    p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
+    p.add_argument("--disable_tta", action="store_true", help="no test-time mirroring (as nnUNetv2_predict)")
+    p.add_argument("-step_size", "--step-size", dest="step_size", type=float, default=0.5,
+                   help="sliding-window step as a fraction of the patch (default: %(default)s, nnU-Net's)")
+    p.add_argument("--name", default=None, help="folder name under $nnUNet_preprocessed/<dataset>/kd_targets "
+                                                "(default: <teacher folder>__f<folds>[__nomirror])")
+    p.add_argument("-device", "--device", dest="device", default=None, choices=["cpu", "cuda"],
+                   help="default: cuda when available")
+    p.add_argument("--force", action="store_true", help="replace targets of another teacher or settings under the "
+                                                        "same name")
+    p.set_defaults(func=teacher_targets_command)
 
     p = sub.add_parser("export", help="write a trained model (e.g. a KD student) as ONNX for deployment; predict it "
                                       "with predict-onnx, without torch networks, trainers or the teacher")

@@ -1,0 +1,368 @@
+"""Teacher outputs computed once and stored, so that a KD step costs about a plain step, whatever the teacher.
+
+`write_teacher_targets` runs a teacher (one fold, or several averaged as an ensemble, with test-time mirroring by
+default) over every preprocessed case with nnU-Net's own sliding-window prediction, on the preprocessed array (no
+resampling), and stores per case, in float16 blosc2 like nnU-Net's preprocessed data:
+- softmax (label) tasks: log-probabilities, which are the logits up to a per-voxel shift that every softmax loss and
+  the class-centred logit matching ignore;
+- sigmoid (region) tasks: the logits.
+A manifest records where the targets come from and which preprocessed voxels and labels they belong to.
+
+Training reads them through nnU-Net's own data loader: `TargetsDataset` hands the loader the image channels, the
+target channels and a validity channel as one lazily cropped array, so the patch crop is shared;
+`with_stored_targets` moves the targets into nnU-Net's `regression_target` before augmentation, so the spatial
+transforms (rotation, scaling, mirroring) resample them in lock step with the image (linearly) and the intensity
+transforms leave them alone, and appends them to the image channels at the end; `teacher_outputs_from_targets`
+splits them off in the train step and brings them to each deep-supervision scale. The validity channel (1 inside the
+image, 0 where the loader or the spatial transform padded) normalises the interpolation at the border; where less
+than half a voxel is valid the teacher never saw the image, and the student's own (detached) output takes the
+teacher's place, so voxel-wise KD terms have no gradient there.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+
+from nnunet_kd import __version__
+from nnunet_kd.errors import KDConfigurationError
+from nnunet_kd.losses.deep_supervision import resample_logits
+from nnunet_kd.settings import ENV_TEACHER_TARGETS
+from nnunet_kd.teacher import TeacherSpec, _normalised_labels, check_teacher_files, compatibility_problems, file_sha256
+
+TARGETS_FOLDER = "kd_targets"
+MANIFEST = "manifest.json"
+FORMAT = "blosc2-float16"
+CASE_SUFFIX = ".b2nd"
+# below this share of valid voxels (after interpolation) a target voxel lies in padding the teacher never saw
+MIN_VALID = 0.5
+
+
+def targets_root(preprocessed_dataset_folder: str | Path) -> Path:
+    return Path(preprocessed_dataset_folder) / TARGETS_FOLDER
+
+
+def default_targets_name(spec: TeacherSpec, mirroring: bool) -> str:
+    """`<teacher model folder>__f0-1-2-3-4`, with `__nomirror` when test-time mirroring is off."""
+    folds = "-".join(str(f) for f in spec.folds)
+    return f"{Path(spec.model_folder).name}__f{folds}" + ("" if mirroring else "__nomirror")
+
+
+def _write_json_atomically(path: Path, content: dict) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(content, indent=2, sort_keys=True))
+    os.replace(partial, path)
+
+
+def _identity(manifest: dict) -> dict:
+    """What makes two target sets the same: everything but the per-case bookkeeping and the dates (as JSON has it:
+    tuples are lists)."""
+    return json.loads(json.dumps({k: v for k, v in manifest.items()
+                                  if k not in ("cases", "created", "finished", "nnunet_kd_version")}))
+
+
+def _case_statistics(stored: torch.Tensor, half: torch.Tensor, softmax: bool, path: Path) -> dict:
+    """Disk use and what float16 loses against float32, in the stored quantity and in probabilities."""
+    rounded = half.float()
+    if softmax:
+        probabilities, probabilities_half = torch.exp(stored), torch.softmax(rounded, 0)
+    else:
+        probabilities, probabilities_half = torch.sigmoid(stored), torch.sigmoid(rounded)
+    return {"shape": list(stored.shape), "bytes": path.stat().st_size,
+            "max_abs_error": float((rounded - stored).abs().max()),
+            "max_abs_probability_error": float((probabilities_half - probabilities).abs().max()),
+            "mean_abs_probability_error": float((probabilities_half - probabilities).abs().mean())}
+
+
+def _save_case(array: np.ndarray, path: Path, patch_size: Sequence[int]) -> None:
+    """float16 blosc2 with nnU-Net's chunking for this patch size, written under a temporary name first."""
+    import blosc2
+    from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params
+
+    blocks, chunks = comp_blosc2_params(array.shape, list(patch_size), bytes_per_pixel=array.itemsize)
+    partial = path.with_name(path.name + ".partial")
+    partial.unlink(missing_ok=True)
+    cparams = {"codec": blosc2.Codec.LZ4HC, "clevel": 5, "filters": [blosc2.Filter.SHUFFLE], "nthreads": 2}
+    blosc2.asarray(np.ascontiguousarray(array), urlpath=str(partial), chunks=chunks, blocks=blocks, cparams=cparams,
+                   mmap_mode="w+")
+    os.replace(partial, path)
+
+
+def write_teacher_targets(teacher: TeacherSpec, preprocessed_dataset_folder: str | Path, plans_name: str,
+                          configuration: str, output: Path, mirroring: bool = True, tile_step_size: float = 0.5,
+                          device: str = "cpu", force: bool = False, progress: bool = True) -> dict:
+    """Store `teacher`'s outputs for every preprocessed case of `plans_name`/`configuration` in
+    `preprocessed_dataset_folder` ($nnUNet_preprocessed/<dataset>); returns the manifest.
+
+    Re-running continues: cases already stored are kept. Targets of another teacher (or other settings) in `output`
+    are refused unless `force`, which deletes them first.
+    """
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from tqdm import tqdm
+
+    base = Path(preprocessed_dataset_folder)
+    dataset_name = base.name
+    check_teacher_files(teacher, dataset_name, configuration)
+    plans_file = base / f"{plans_name}.json"
+    if not plans_file.is_file():
+        raise KDConfigurationError(f"Plans {plans_file} not found. Run nnUNetv2_plan_and_preprocess for "
+                                   f"{dataset_name} first, or pass the plans the student trains with (-p).")
+    plans = load_json(str(plans_file))
+    plans_manager = PlansManager(plans)
+    if configuration not in plans["configurations"]:
+        raise KDConfigurationError(f"Configuration {configuration} is not in {plans_file} "
+                                   f"(it has {sorted(plans['configurations'])}).")
+    config = plans_manager.get_configuration(configuration)
+    dataset_json = load_json(str(base / "dataset.json"))
+    data_folder = base / config.data_identifier
+    if not data_folder.is_dir():
+        raise KDConfigurationError(f"Preprocessed data {data_folder} not found. Run `nnUNetv2_plan_and_preprocess -d "
+                                   f"{dataset_name} -c {configuration} -p ...` for these plans first.")
+
+    torch_device = torch.device(device)
+    predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=mirroring,
+                                perform_everything_on_device=torch_device.type == "cuda", device=torch_device,
+                                allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(teacher.model_folder, teacher.folds, teacher.checkpoint_name)
+    problems = compatibility_problems(predictor.plans_manager, predictor.configuration_manager,
+                                      predictor.dataset_json, plans_manager, config, dataset_json)
+    if problems:
+        raise KDConfigurationError(f"The teacher {teacher.model_folder} cannot predict the preprocessed data of "
+                                   f"{plans_name} {configuration}:\n  - " + "\n  - ".join(problems))
+    softmax = not plans_manager.get_label_manager(dataset_json).has_regions
+    manifest = {
+        "format": FORMAT, "stored": "log_softmax" if softmax else "logits", "activation": "softmax" if softmax
+        else "sigmoid",
+        "teacher": {**teacher.to_json(), "trainer": predictor.trainer_name,
+                    "plans": predictor.plans_manager.plans_name,
+                    "checkpoint_sha256": [file_sha256(p) for p in teacher.checkpoint_paths()],
+                    "mirroring": mirroring, "mirror_axes": list(predictor.allowed_mirroring_axes or ()) if mirroring
+                    else [], "tile_step_size": tile_step_size},
+        "data": {"dataset": dataset_name, "plans_name": plans_name, "configuration": configuration,
+                 "data_identifier": config.data_identifier, "labels": dataset_json["labels"],
+                 "regions_class_order": dataset_json.get("regions_class_order"),
+                 "plans": plans, "dataset_json": dataset_json},
+        "nnunet_kd_version": __version__, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "cases": {},
+    }
+    output = Path(output)
+    manifest_path = output / MANIFEST
+    if manifest_path.is_file():
+        existing = json.loads(manifest_path.read_text())
+        if _identity(existing) != _identity(manifest):
+            if not force:
+                differing = sorted(k for k, v in _identity(manifest).items() if _identity(existing).get(k) != v)
+                raise KDConfigurationError(
+                    f"{output} holds targets of another teacher or other settings (differing: {differing}). Use "
+                    f"another --name, or --force to replace them.")
+            for stale in output.glob(f"*{CASE_SUFFIX}"):
+                stale.unlink()
+        else:
+            manifest["cases"], manifest["created"] = existing["cases"], existing["created"]
+    output.mkdir(parents=True, exist_ok=True)
+    manifest.pop("finished", None)
+    _write_json_atomically(manifest_path, manifest)
+
+    dataset_class = infer_dataset_class(str(data_folder))
+    identifiers = sorted(dataset_class.get_identifiers(str(data_folder)))
+    dataset = dataset_class(str(data_folder), identifiers)
+    todo = [i for i in identifiers if not (i in manifest["cases"] and (output / f"{i}{CASE_SUFFIX}").is_file())]
+    for identifier in tqdm(todo, desc="teacher targets", disable=not progress or not todo):
+        data = np.asarray(dataset.load_case(identifier)[0][:], dtype=np.float32)
+        with torch.no_grad():
+            logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).float().cpu()
+        stored = torch.log_softmax(logits, 0) if softmax else logits
+        half = stored.half()
+        path = output / f"{identifier}{CASE_SUFFIX}"
+        _save_case(half.numpy(), path, config.patch_size)
+        manifest["cases"][identifier] = _case_statistics(stored, half, softmax, path)
+        _write_json_atomically(manifest_path, manifest)
+    manifest["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    _write_json_atomically(manifest_path, manifest)
+    return manifest
+
+
+def summarise(manifest: dict) -> dict:
+    """Disk per case and in total, and float16's worst and mean loss of precision, over the stored cases."""
+    cases = list(manifest["cases"].values())
+    if not cases:
+        return {"cases": 0}
+    total = sum(c["bytes"] for c in cases)
+    return {"cases": len(cases), "total_mib": total / 2 ** 20, "mean_case_mib": total / len(cases) / 2 ** 20,
+            "float32_mib": sum(4 * int(np.prod(c["shape"])) for c in cases) / 2 ** 20,
+            "max_abs_error": max(c["max_abs_error"] for c in cases),
+            "max_abs_probability_error": max(c["max_abs_probability_error"] for c in cases),
+            "mean_abs_probability_error": float(np.mean([c["mean_abs_probability_error"] for c in cases]))}
+
+
+@dataclass(frozen=True)
+class StoredTargets:
+    """A folder written by `write_teacher_targets`, found by name or path, and what a trainer checks before using it."""
+
+    folder: Path
+    manifest: dict
+
+    @classmethod
+    def locate(cls, name_or_folder: str, preprocessed_dataset_folder: str | Path) -> StoredTargets:
+        candidates = [Path(name_or_folder)] if os.sep in name_or_folder else []
+        candidates.append(targets_root(preprocessed_dataset_folder) / name_or_folder)
+        for folder in candidates:
+            if (folder / MANIFEST).is_file():
+                return cls(folder.resolve(), json.loads((folder / MANIFEST).read_text()))
+        available = sorted(p.parent.name for p in targets_root(preprocessed_dataset_folder).glob(f"*/{MANIFEST}"))
+        raise KDConfigurationError(
+            f"{ENV_TEACHER_TARGETS}={name_or_folder!r}: no stored teacher targets there (looked in "
+            f"{[str(c) for c in candidates]}; available: {available or 'none'}). Write them with `nnunet_kd "
+            f"teacher-targets`, or unset {ENV_TEACHER_TARGETS} to run the teacher online.")
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(_identity(self.manifest), sort_keys=True).encode()).hexdigest()
+
+    def record(self) -> dict:
+        """What a run records about its targets (the per-case bookkeeping left out)."""
+        return {"folder": str(self.folder), "manifest_sha256": self.digest(),
+                "teacher": self.manifest["teacher"], "stored": self.manifest["stored"],
+                "data": {k: v for k, v in self.manifest["data"].items() if k not in ("plans", "dataset_json")}}
+
+    def problems(self, plans_manager, configuration_name: str, configuration_manager, dataset_json: dict,
+                 identifiers: Sequence[str]) -> list[str]:
+        """Every reason these targets do not belong to a student of these plans training on these cases."""
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        data = self.manifest["data"]
+        problems = []
+        if data["dataset"] != plans_manager.dataset_name:
+            problems.append(f"they belong to dataset {data['dataset']}, the student trains on "
+                            f"{plans_manager.dataset_name}")
+        if data["configuration"] != configuration_name:
+            problems.append(f"they were written for configuration {data['configuration']}, the student trains "
+                            f"{configuration_name}")
+        if data["data_identifier"] != configuration_manager.data_identifier:
+            problems.append(f"they were written for the preprocessed data {data['data_identifier']}, the student "
+                            f"reads {configuration_manager.data_identifier}")
+        if _normalised_labels(data["dataset_json"]) != _normalised_labels(dataset_json):
+            problems.append(f"their labels {data['labels']} differ from the student's {dataset_json['labels']}")
+        if not problems:
+            stored_plans = PlansManager(data["plans"])
+            problems += compatibility_problems(stored_plans, stored_plans.get_configuration(data["configuration"]),
+                                               data["dataset_json"], plans_manager, configuration_manager,
+                                               dataset_json)
+        missing = [i for i in identifiers
+                   if i not in self.manifest["cases"] or not (self.folder / f"{i}{CASE_SUFFIX}").is_file()]
+        if missing:
+            problems.append(f"{len(missing)} of the student's {len(identifiers)} training cases have no targets "
+                            f"(e.g. {missing[:3]}); re-run `nnunet_kd teacher-targets`, which continues where it "
+                            f"stopped")
+        return problems
+
+    def changed_teacher_checkpoints(self) -> list[str]:
+        """Teacher checkpoints that still exist but differ from the ones the targets were computed with."""
+        teacher = self.manifest["teacher"]
+        spec = TeacherSpec(teacher["model_folder"], tuple(teacher["folds"]), teacher["checkpoint_name"])
+        return [str(path) for path, digest in zip(spec.checkpoint_paths(), teacher["checkpoint_sha256"])
+                if path.is_file() and file_sha256(path) != digest]
+
+
+class _ChannelStack:
+    """Image channels, target channels and a validity channel of ones, as one array nnU-Net's loader crops.
+
+    Only the cropped region is read (blosc2 decompresses the chunks it touches), like the loader's own crop.
+    """
+
+    def __init__(self, image, targets) -> None:
+        self.image, self.targets = image, targets
+        self.shape = (image.shape[0] + targets.shape[0] + 1, *image.shape[1:])
+        self.dtype = np.dtype(np.float32)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, index: tuple) -> np.ndarray:
+        spatial = (slice(None), *index[1:])
+        image = np.asarray(self.image[spatial], dtype=np.float32)
+        targets = np.asarray(self.targets[spatial], dtype=np.float32)
+        return np.concatenate([image, targets, np.ones((1, *image.shape[1:]), np.float32)])[index[0]]
+
+
+class TargetsDataset:
+    """An nnU-Net dataset whose cases carry the stored teacher targets as extra channels (see `_ChannelStack`)."""
+
+    def __init__(self, dataset, folder: str | Path) -> None:
+        self.dataset, self.folder = dataset, str(folder)
+        self.identifiers = dataset.identifiers
+
+    def __getitem__(self, identifier: str):
+        return self.load_case(identifier)
+
+    def load_case(self, identifier: str):
+        import blosc2
+
+        data, seg, seg_previous, properties = self.dataset.load_case(identifier)
+        targets = blosc2.open(urlpath=os.path.join(self.folder, identifier + CASE_SUFFIX), mode="r",
+                              dparams={"nthreads": 1}, mmap_mode="r")
+        if tuple(targets.shape[1:]) != tuple(data.shape[1:]):
+            raise KDConfigurationError(f"Stored teacher targets of {identifier} have shape {targets.shape[1:]}, its "
+                                       f"preprocessed image {data.shape[1:]}: the targets are from other "
+                                       f"preprocessing. Write them again (`nnunet_kd teacher-targets --force`).")
+        return _ChannelStack(data, targets), seg, seg_previous, properties
+
+
+class _SplitTargets(BasicTransform):
+    """Channels after the image's become nnU-Net's regression target: spatial transforms only, linear resampling."""
+
+    def __init__(self, num_image_channels: int) -> None:
+        super().__init__()
+        self.num_image_channels = num_image_channels
+
+    def apply(self, data_dict: dict, **params) -> dict:
+        image = data_dict["image"]
+        data_dict["image"] = image[:self.num_image_channels]
+        data_dict["regression_target"] = image[self.num_image_channels:]
+        return data_dict
+
+
+class _AppendTargets(BasicTransform):
+    """The augmented targets back behind the image channels: nnU-Net's loader batches 'image' and 'segmentation'."""
+
+    def apply(self, data_dict: dict, **params) -> dict:
+        data_dict["image"] = torch.cat([data_dict["image"], data_dict.pop("regression_target")])
+        return data_dict
+
+
+def with_stored_targets(transforms: ComposeTransforms, num_image_channels: int) -> ComposeTransforms:
+    """nnU-Net's training transforms, with the stored targets carried through them in lock step with the image."""
+    return ComposeTransforms([_SplitTargets(num_image_channels), *transforms.transforms, _AppendTargets()])
+
+
+def split_batch(data: torch.Tensor, num_image_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch of (image, targets, validity) channels -> the image, and the targets with their validity."""
+    return data[:, :num_image_channels], data[:, num_image_channels:]
+
+
+def teacher_outputs_from_targets(targets: torch.Tensor,
+                                 student_outputs: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The teacher's output at the resolution of each student output, from augmented stored targets.
+
+    `targets` holds the target channels and, last, the validity channel. Both are area-averaged to each output's
+    shape and divided (an interpolation normalised over valid voxels); voxels less than half valid take the student's
+    own detached output, so a voxel-wise KD term neither pulls nor pushes there.
+    """
+    if isinstance(student_outputs, torch.Tensor):
+        student_outputs = [student_outputs]
+    values, validity = targets[:, :-1].float(), targets[:, -1:].float()
+    teacher = []
+    for student in student_outputs:
+        shape = student.shape[2:]
+        share = resample_logits(validity, shape)
+        normalised = resample_logits(values, shape) / share.clamp_min(MIN_VALID)
+        teacher.append(torch.where(share >= MIN_VALID, normalised, student.detach().float()))
+    return teacher

@@ -1,0 +1,286 @@
+"""Stored teacher targets: the pure pieces, then through nnU-Net's real CLI, data loader and augmentation."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
+from conftest import DATASET_ID, STUDENT_PLANS, edit_json
+
+from nnunet_kd.errors import KDConfigurationError
+from nnunet_kd.teacher_targets import (
+    MANIFEST,
+    TARGETS_FOLDER,
+    _ChannelStack,
+    _save_case,
+    split_batch,
+    teacher_outputs_from_targets,
+)
+
+
+# ---- pure pieces ----
+def test_targets_are_normalised_over_valid_voxels_and_padding_takes_the_students_output():
+    torch.manual_seed(0)
+    values = torch.randn(2, 3, 8, 8, 8)
+    validity = torch.ones(2, 1, 8, 8, 8)
+    validity[..., 6:] = 0  # padded: the loader and the spatial transform leave zeros in every channel there
+    student = [torch.randn(2, 3, 8, 8, 8, requires_grad=True), torch.randn(2, 3, 4, 4, 4, requires_grad=True)]
+
+    full, coarse = teacher_outputs_from_targets(torch.cat([values * validity, validity], 1), student)
+
+    assert torch.allclose(full[..., :6], values[..., :6])
+    assert torch.equal(full[..., 6:], student[0].detach()[..., 6:])
+    assert not full.requires_grad
+    # a coarse voxel averages its 2x2x2 valid fine voxels; one over padding only keeps the student's output
+    expected = torch.nn.functional.avg_pool3d(values, 2)
+    assert torch.allclose(coarse[..., :3], expected[..., :3], atol=1e-6)
+    assert torch.equal(coarse[..., 3:], student[1].detach()[..., 3:])
+
+
+def test_half_valid_border_voxels_are_rescaled_not_shrunk():
+    values = torch.full((1, 2, 4, 4), 3.0)
+    validity = torch.ones(1, 1, 4, 4)
+    validity[..., 0] = 0.6  # a border voxel interpolated from 60 % image and 40 % zero padding
+    (teacher,) = teacher_outputs_from_targets(torch.cat([values * validity, validity], 1), torch.zeros(1, 2, 4, 4))
+    assert torch.allclose(teacher, values)
+
+
+def test_split_batch_separates_image_from_targets():
+    data = torch.arange(2 * 6 * 4).float().reshape(2, 6, 4)
+    image, targets = split_batch(data, 2)
+    assert torch.equal(image, data[:, :2]) and torch.equal(targets, data[:, 2:])
+
+
+def test_channel_stack_is_cropped_like_one_array_with_validity_zero_in_padding():
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(1, 6, 7, 8)).astype(np.float32)
+    targets = rng.normal(size=(3, 6, 7, 8)).astype(np.float16)
+    bbox = [[-2, 4], [3, 10], [0, 8]]  # below the first axis and beyond the second
+
+    patch = crop_and_pad_nd(_ChannelStack(image, targets), bbox, 0)
+
+    assert patch.shape == (5, 6, 7, 8) and patch.dtype == np.float32
+    np.testing.assert_array_equal(patch[0], crop_and_pad_nd(image, bbox, 0)[0])
+    np.testing.assert_array_equal(patch[1:4], crop_and_pad_nd(targets.astype(np.float32), bbox, 0))
+    inside = np.zeros((6, 7, 8), bool)
+    inside[2:, :4] = True
+    np.testing.assert_array_equal(patch[4], inside.astype(np.float32))
+
+
+# ---- through nnU-Net ----
+TEACHER_NAME = "nnUNetTrainer_debug__nnUNetPlans__3d_fullres"
+
+
+@pytest.fixture(scope="module")
+def targets_3d(workspace, teacher_3d):
+    """The fold-0 debug teacher's targets for every case, written with the CLI (mirroring on, as default)."""
+    result = workspace.run("nnunet_kd", "teacher-targets", str(DATASET_ID), "-c", "3d_fullres", "--teacher",
+                           TEACHER_NAME, "-f", "0", "-device", "cpu")
+    assert "nnUNet_KD_teacher_targets=" in result.stdout and "MiB on disk" in result.stdout
+    folder = workspace.preprocessed / TARGETS_FOLDER / f"{TEACHER_NAME}__f0"
+    assert (folder / MANIFEST).is_file()
+    return folder
+
+
+def test_manifest_records_the_teacher_the_data_and_the_precision(workspace, targets_3d):
+    manifest = json.loads((targets_3d / MANIFEST).read_text())
+    teacher = manifest["teacher"]
+    assert teacher["model_folder"].endswith(TEACHER_NAME) and teacher["folds"] == [0]
+    assert teacher["mirroring"] is True and teacher["mirror_axes"] == [0, 1, 2]
+    assert len(teacher["checkpoint_sha256"][0]) == 64
+    data = manifest["data"]
+    assert (data["dataset"], data["configuration"], data["data_identifier"]) == (
+        workspace.preprocessed.name, "3d_fullres", "nnUNetPlans_3d_fullres")
+    assert manifest["stored"] == "log_softmax" and manifest["format"] == "blosc2-float16"
+    assert len(manifest["cases"]) == 10 and "finished" in manifest
+    for case in manifest["cases"].values():
+        assert case["bytes"] > 0 and case["max_abs_error"] < 0.02 and case["max_abs_probability_error"] < 1e-3
+
+
+def test_stored_targets_round_trip_to_the_teachers_prediction(workspace, teacher_3d, targets_3d, monkeypatch):
+    import blosc2
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    monkeypatch.setenv("nnUNet_extTrainer", workspace.env["nnUNet_extTrainer"])
+    predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(teacher_3d), (0,), "checkpoint_final.pth")
+    data = blosc2.open(str(workspace.preprocessed / "nnUNetPlans_3d_fullres" / "case_000.b2nd"))[:]
+    expected = torch.log_softmax(predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)), 0)
+    stored = torch.from_numpy(blosc2.open(str(targets_3d / "case_000.b2nd"))[:])
+    assert stored.dtype == torch.float16 and stored.shape == expected.shape
+    error = (stored.float() - expected).abs().max().item()
+    assert error <= json.loads((targets_3d / MANIFEST).read_text())["cases"]["case_000"]["max_abs_error"] + 1e-6
+
+
+def test_rerun_continues_and_other_settings_are_refused(workspace, targets_3d, tmp_path):
+    folder = tmp_path / "targets"
+    shutil.copytree(targets_3d, folder)
+    (folder / "case_003.b2nd").unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.b2nd")}
+    args = ("nnunet_kd", "teacher-targets", str(DATASET_ID), "-c", "3d_fullres", "--teacher", TEACHER_NAME, "-f",
+            "0", "-device", "cpu", "--name", str(folder))
+    workspace.run(*args)
+    assert (folder / "case_003.b2nd").is_file()
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.b2nd") if p.name in kept} == kept
+
+    refused = workspace.run(*args, "--disable_tta", check=False)
+    assert refused.returncode == 2 and "another teacher or other settings" in refused.stderr
+    assert "--force" in refused.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.b2nd") if p.name in kept} == kept
+
+
+def _trainer(workspace, monkeypatch, env: dict, fold: int = 0, trainer: str = "nnUNetTrainerKDLogits_debug",
+             results=None):
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    for key, value in {**workspace.env, **env}.items():
+        if key.startswith("nnUNet"):
+            monkeypatch.setenv(key, value)
+    if results is not None:
+        monkeypatch.setenv("nnUNet_results", str(results))
+    return get_trainer_from_args(str(DATASET_ID), "3d_fullres", fold, trainer, STUDENT_PLANS,
+                                 device=torch.device("cpu"))
+
+
+def test_targets_follow_the_spatial_augmentation_in_lock_step(workspace, targets_3d, tmp_path, monkeypatch):
+    """Targets made from the one-hot label, through nnU-Net's own loader and augmentation, still agree with the
+    augmented label: rotation, scaling, mirroring and cropping moved them together."""
+    import blosc2
+
+    folder = tmp_path / "onehot"
+    shutil.copytree(targets_3d, folder)
+    data_folder = workspace.preprocessed / "nnUNetPlans_3d_fullres"
+    for path in folder.glob("*.b2nd"):
+        seg = blosc2.open(str(data_folder / path.name.replace(".b2nd", "_seg.b2nd")))[:][0].clip(0)
+        onehot = torch.nn.functional.one_hot(torch.from_numpy(seg).long(), 4).permute(3, 0, 1, 2).float()
+        _save_case(torch.log_softmax(20 * onehot, 0).half().numpy(), path, (32, 40, 40))
+    torch.manual_seed(0)
+    np.random.seed(0)
+    trainer = _trainer(workspace, monkeypatch, {"nnUNet_KD_teacher_targets": str(folder), "nnUNet_n_proc_DA": "0"},
+                       results=tmp_path / "results")
+    trainer.initialize()
+    trainer.prepare_distillation()
+    loader, _ = trainer.get_dataloaders()
+    agree = total = border = 0
+    for _ in range(8):
+        batch = next(loader)
+        image, stored = split_batch(batch["data"], trainer.num_input_channels)
+        assert image.shape[1] == 1 and stored.shape[1] == 4 + 1
+        (teacher,) = teacher_outputs_from_targets(stored, torch.zeros_like(stored[:, :4]))
+        valid = stored[:, -1] >= 0.5
+        label = batch["target"][0][:, 0]
+        agree += (teacher.argmax(1) == label)[valid].sum().item()
+        total += valid.sum().item()
+        border += (stored[:, -1] < 1).sum().item()
+    assert total > 0
+    assert agree / total >= 0.99, f"only {agree / total:.4f} of valid voxels agree"
+    assert border > 0, "no padding seen: the loader's patches reach beyond these small images"
+
+
+@pytest.mark.parametrize("trainer", ["nnUNetTrainerKDLogits_debug", "nnUNetTrainerKDMultiScale_debug",
+                                     "nnUNetTrainerKDGrowingAssistant_debug"])
+def test_kd_trainers_train_from_stored_targets_without_a_teacher(workspace, targets_3d, tmp_path, trainer):
+    results = tmp_path / "results"
+    workspace.train(trainer, 0, STUDENT_PLANS, env={"nnUNet_KD_teacher_targets": targets_3d.name,
+                                                    "nnUNet_KD_teacher": "a_folder_that_does_not_exist",
+                                                    "nnUNet_results": str(results)})
+    fold = results / workspace.preprocessed.name / f"{trainer}__{STUDENT_PLANS}__3d_fullres" / "fold_0"
+    record = json.loads((fold / "kd_settings.json").read_text())
+    assert "teacher" not in record
+    assert record["teacher_targets"]["folder"] == str(targets_3d.resolve())
+    assert record["teacher_targets"]["teacher"]["folds"] == [0]
+    assert "no teacher network is loaded" in next(fold.glob("training_log_*.txt")).read_text()
+    assert (fold / "checkpoint_final.pth").is_file() and (fold / "validation" / "summary.json").is_file()
+
+
+def test_stock_predict_of_a_student_trained_from_stored_targets(workspace, targets_3d, tmp_path):
+    results = tmp_path / "results"
+    env = {"nnUNet_results": str(results)}
+    workspace.train("nnUNetTrainerKDLogits_debug", 0, STUDENT_PLANS,
+                    env={**env, "nnUNet_KD_teacher_targets": targets_3d.name})
+    out = tmp_path / "predictions"
+    workspace.run("nnUNetv2_predict", "-i", str(workspace.raw / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID),
+                  "-c", "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerKDLogits_debug", "-p", STUDENT_PLANS,
+                  "-device", "cpu", "-npp", "1", "-nps", "1", env=env)
+    assert len(list(out.glob("*.nii.gz"))) == len(list((workspace.raw / "imagesTs").glob("*_0000.nii.gz")))
+
+
+def _other_dataset(manifest):
+    manifest["data"]["dataset"] = "Dataset999_Other"
+
+
+def _other_configuration(manifest):
+    manifest["data"]["configuration"] = "2d"
+
+
+def _other_data_identifier(manifest):
+    manifest["data"]["data_identifier"] = "nnUNetPlans_2d"
+
+
+def _other_labels(manifest):
+    labels = manifest["data"]["dataset_json"]["labels"]
+    labels["tumour"] = labels.pop("lesion")
+
+
+def _other_plans(manifest):
+    manifest["data"]["plans"]["configurations"]["3d_fullres"]["spacing"] = [3.0, 1.0, 1.0]
+
+
+def _teacher_retrained(manifest):
+    manifest["teacher"]["checkpoint_sha256"] = ["0" * 64]
+
+
+REFUSALS = {
+    "dataset": (_other_dataset, "belong to dataset Dataset999_Other"),
+    "configuration": (_other_configuration, "written for configuration 2d"),
+    "data_identifier": (_other_data_identifier, "preprocessed data nnUNetPlans_2d"),
+    "labels": (_other_labels, "labels"),
+    "plans": (_other_plans, "target spacing differs"),
+    "teacher": (_teacher_retrained, "changed since the targets were written"),
+}
+
+
+@pytest.mark.parametrize("problem", [*sorted(REFUSALS), "missing case", "unknown name"])
+def test_unusable_targets_are_refused_before_any_step(workspace, targets_3d, tmp_path, monkeypatch, problem):
+    folder = tmp_path / "targets"
+    shutil.copytree(targets_3d, folder)
+    request = str(folder)
+    if problem in REFUSALS:
+        edit, message = REFUSALS[problem]
+        edit_json(folder / MANIFEST, edit)
+    elif problem == "missing case":
+        (folder / "case_002.b2nd").unlink()
+        message = "have no targets"
+    else:
+        request, message = "no_such_targets", r"no stored teacher targets there .*available: \['" + targets_3d.name
+    trainer = _trainer(workspace, monkeypatch, {"nnUNet_KD_teacher_targets": request}, results=tmp_path / "results")
+    with pytest.raises(KDConfigurationError, match=message):
+        trainer.on_train_start()
+    assert trainer.dataloader_train is None
+    written = Path(trainer.output_folder_base)
+    assert not any(p.suffix == ".pth" or p.name == "kd_settings.json" for p in written.rglob("*"))
+
+
+def test_resume_refuses_other_targets(workspace, targets_3d, tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    workspace.train("nnUNetTrainerKDLogits_debug", 0, STUDENT_PLANS,
+                    env={"nnUNet_results": str(results), "nnUNet_KD_teacher_targets": targets_3d.name})
+    fold = results / workspace.preprocessed.name / f"nnUNetTrainerKDLogits_debug__{STUDENT_PLANS}__3d_fullres" / \
+        "fold_0"
+    other = tmp_path / "other"
+    shutil.copytree(targets_3d, other)
+    edit_json(other / MANIFEST, lambda m: m["teacher"].update(tile_step_size=0.75))  # other targets, same cases
+    record = json.loads((fold / "kd_settings.json").read_text())
+    record["teacher_targets"]["folder"] = str(other)
+    (fold / "kd_settings.json").write_text(json.dumps(record))
+    shutil.copy(fold / "checkpoint_final.pth", fold / "checkpoint_latest.pth")
+
+    trainer = _trainer(workspace, monkeypatch, {"nnUNet_KD_teacher_targets": targets_3d.name}, results=results)
+    trainer.load_checkpoint(str(fold / "checkpoint_latest.pth"))
+    with pytest.raises(KDConfigurationError, match="not the targets this training started with"):
+        trainer.on_train_start()
+
