@@ -58,11 +58,16 @@ def _environment(**values: str):
                 os.environ[key] = value
 
 
-def synthetic_batch(trainer, seed: int = 0) -> dict:
-    """A batch of the trainer's shape: random normalised images, random labels at every deep-supervision scale."""
+def synthetic_batch(trainer, seed: int = 0, stored_targets: bool = False) -> dict:
+    """A batch of the trainer's shape: random normalised images, random labels at every deep-supervision scale, and
+    with `stored_targets` random stored teacher targets (all voxels valid) behind the image channels."""
     generator = torch.Generator().manual_seed(seed)
     patch = list(trainer.configuration_manager.patch_size)
     data = torch.randn(trainer.batch_size, trainer.num_input_channels, *patch, generator=generator)
+    if stored_targets:
+        heads = trainer.label_manager.num_segmentation_heads
+        targets = torch.randn(trainer.batch_size, heads, *patch, generator=generator)
+        data = torch.cat([data, targets, torch.ones(trainer.batch_size, 1, *patch)], 1)
     num_labels = max(2, len(trainer.label_manager.all_labels))
     seg = torch.randint(0, num_labels, (trainer.batch_size, 1, *patch), generator=generator).float()
     if trainer.label_manager.has_regions:
@@ -76,40 +81,73 @@ def synthetic_batch(trainer, seed: int = 0) -> dict:
     return {"data": data, "target": targets}
 
 
+STORED = " [stored targets]"
+
+
+def _time_loader(trainer, warmup: int, repeats: int) -> float:
+    """Median seconds for nnU-Net's training loader to produce one batch, in this process (no worker processes)."""
+    with _environment(nnUNet_n_proc_DA="0"):
+        loader, _ = trainer.get_dataloaders()
+    times = []
+    for round_ in range(warmup + repeats):
+        start = time.perf_counter()
+        next(loader)
+        if round_ >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def bench_step(dataset: str, configuration: str, plans: str, trainers: Sequence[str], teacher_folder: str,
-               device: str = "cpu", warmup: int = 2, repeats: int = 5, fold: int = 0) -> dict:
+               device: str = "cpu", warmup: int = 2, repeats: int = 5, fold: int = 0,
+               teacher_folds: Sequence[int | str] | None = None, teacher_targets: str | None = None,
+               loader: bool = False) -> dict:
     """Time train_step of each trainer on one batch, interleaved, plus the teacher's forward pass alone.
 
     The first trainer should be the plain student (e.g. nnUNetTrainer with the student plans): ratios are relative to
     it, and the bound `(student step + teacher forward) / student step` is what a KD step would cost if the teacher
-    cost nothing beyond its forward pass.
+    cost nothing beyond its forward pass. `teacher_folds` makes the online teacher an ensemble. With
+    `teacher_targets` (a name or folder, as nnUNet_KD_teacher_targets) every KD trainer is also timed learning from
+    those stored targets, and `loader` times nnU-Net's training data loader per batch too (with and without stored
+    targets, in this process), since without a teacher network the data pipeline is what a step waits for.
     """
     from nnunetv2.run.run_training import get_trainer_from_args
 
+    from nnunet_kd.settings import ENV_TEACHER_TARGETS
     from nnunet_kd.teacher import TeacherSpec
     from nnunet_kd.trainer import nnUNetTrainerKD
 
     torch_device = torch.device(device)
-    teacher_spec = TeacherSpec(os.path.abspath(teacher_folder), (fold,), "checkpoint_final.pth")
+    folds = tuple(f if f == "all" else int(f) for f in teacher_folds) if teacher_folds else (fold,)
+    teacher_spec = TeacherSpec(os.path.abspath(teacher_folder), folds, "checkpoint_final.pth")
+    loader = loader or teacher_targets is not None
     # nnU-Net creates each trainer's output folder and log file under nnUNet_results: a scratch folder keeps the
     # user's results untouched
     with tempfile.TemporaryDirectory() as scratch, _environment(nnUNet_results=scratch):
         instances = {}
         for name in trainers:
+            stored_variant = [False]
             trainer = get_trainer_from_args(dataset, configuration, fold, name, plans, device=torch_device)
-            trainer.initialize()
-            if isinstance(trainer, nnUNetTrainerKD):
-                trainer.prepare_distillation(teacher=teacher_spec)
-            if hasattr(trainer, "grow_to"):
-                trainer.grow_to(len(trainer.schedule) - 1)  # a growing assistant costs most at its widest: time that
-            trainer.network.train()
-            instances[name] = trainer
-        teacher = next((t.teacher for t in instances.values() if isinstance(t, nnUNetTrainerKD)), None)
+            if teacher_targets is not None and isinstance(trainer, nnUNetTrainerKD):
+                stored_variant.append(True)
+            for stored in stored_variant:
+                with _environment(**{ENV_TEACHER_TARGETS: teacher_targets if stored else ""}):
+                    if stored:
+                        trainer = get_trainer_from_args(dataset, configuration, fold, name, plans,
+                                                        device=torch_device)
+                    trainer.initialize()
+                    if isinstance(trainer, nnUNetTrainerKD):
+                        trainer.prepare_distillation(teacher=None if stored else teacher_spec)
+                if hasattr(trainer, "grow_to"):
+                    trainer.grow_to(len(trainer.schedule) - 1)  # a growing assistant costs most at its widest
+                trainer.network.train()
+                instances[name + (STORED if stored else "")] = trainer
+        teacher = next((t.teacher for t in instances.values() if isinstance(t, nnUNetTrainerKD)
+                        and t.teacher is not None), None)
         if teacher is None:
             raise KDConfigurationError("bench step needs at least one KD trainer, to load the teacher.")
         first = next(iter(instances.values()))
-        batch = synthetic_batch(first)
-        teacher_input = batch["data"].to(torch_device)
+        batches = {False: synthetic_batch(first), True: synthetic_batch(first, stored_targets=True)}
+        teacher_input = batches[False]["data"].to(torch_device)
 
         def teacher_forward():
             with torch.autocast(device, enabled=True) if device == "cuda" else _nullcontext():
@@ -119,22 +157,35 @@ def bench_step(dataset: str, configuration: str, plans: str, trainers: Sequence[
         teacher_times: list[float] = []
         for round_ in range(warmup + repeats):
             for name, trainer in instances.items():
-                elapsed = _timed(lambda trainer=trainer: trainer.train_step(batch), torch_device)
+                batch = batches[name.endswith(STORED)]
+                elapsed = _timed(lambda trainer=trainer, batch=batch: trainer.train_step(batch), torch_device)
                 if round_ >= warmup:
                     times[name].append(elapsed)
             elapsed = _timed(teacher_forward, torch_device)
             if round_ >= warmup:
                 teacher_times.append(elapsed)
+        loader_s = {}
+        if loader:
+            loader_s["plain"] = _time_loader(first, warmup, repeats)
+            stored_trainer = next((t for n, t in instances.items() if n.endswith(STORED)), None)
+            if stored_trainer is not None:
+                loader_s["stored targets"] = _time_loader(stored_trainer, warmup, repeats)
     medians = {name: statistics.median(t) for name, t in times.items()}
     base = medians[trainers[0]]
     teacher_forward_s = statistics.median(teacher_times)
+    rows = []
+    for name in instances:
+        row = {"trainer": name, "step_s": medians[name], "ratio": medians[name] / base}
+        if loader_s:
+            load = loader_s["stored targets" if name.endswith(STORED) else "plain"]
+            row.update(load_s=load, load_and_step_ratio=(load + medians[name]) / (loader_s["plain"] + base))
+        rows.append(row)
     return {
         "device": device, "dataset": dataset, "configuration": configuration, "plans": plans,
         "batch_size": first.batch_size, "patch_size": list(first.configuration_manager.patch_size),
-        "warmup": warmup, "repeats": repeats, "teacher": os.path.abspath(teacher_folder),
-        "teacher_forward_s": teacher_forward_s,
-        "bound_ratio": (base + teacher_forward_s) / base,
-        "trainers": [{"trainer": name, "step_s": medians[name], "ratio": medians[name] / base} for name in trainers],
+        "warmup": warmup, "repeats": repeats, "teacher": os.path.abspath(teacher_folder), "teacher_folds": list(folds),
+        "teacher_targets": teacher_targets, "teacher_forward_s": teacher_forward_s,
+        "bound_ratio": (base + teacher_forward_s) / base, "loader_s": loader_s, "trainers": rows,
     }
 
 
@@ -144,13 +195,23 @@ def _nullcontext():
 
 
 def format_step(result: dict) -> str:
+    loader = bool(result.get("loader_s"))
     lines = [f"train step, {result['device']}, batch {result['batch_size']} x {result['patch_size']}, "
-             f"median of {result['repeats']} after {result['warmup']} warm-up (interleaved)",
-             f"{'trainer':<40}{'s/step':>10}{'ratio':>8}"]
+             f"median of {result['repeats']} after {result['warmup']} warm-up (interleaved); teacher folds "
+             f"{result['teacher_folds']}" + (f"; stored targets {result['teacher_targets']}"
+                                              if result.get("teacher_targets") else ""),
+             f"{'trainer':<56}{'s/step':>10}{'ratio':>8}" + (f"{'load s':>10}{'load+step ratio':>17}" if loader
+                                                             else "")]
     for row in result["trainers"]:
-        lines.append(f"{row['trainer']:<40}{row['step_s']:>10.4f}{row['ratio']:>8.3f}")
+        line = f"{row['trainer']:<56}{row['step_s']:>10.4f}{row['ratio']:>8.3f}"
+        if loader:
+            line += f"{row['load_s']:>10.4f}{row['load_and_step_ratio']:>17.3f}"
+        lines.append(line)
     lines.append(f"teacher forward alone: {result['teacher_forward_s']:.4f} s; bound (student step + teacher forward) "
                  f"/ student step = {result['bound_ratio']:.3f}")
+    if loader:
+        lines.append("load s: nnU-Net's training loader, one batch in this process (no augmentation workers); "
+                     "load+step ratio: (load + step) / (plain load + plain step)")
     return "\n".join(lines)
 
 

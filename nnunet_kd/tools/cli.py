@@ -147,9 +147,12 @@ def bench_step_command(args: argparse.Namespace) -> None:
     from nnunet_kd.tools.bench import bench_step, format_step
 
     _use_demo_workspace_if_unset(args.workdir)
+    if not os.environ.get("nnUNet_extTrainer"):
+        os.environ["nnUNet_extTrainer"] = str(TRAINERS_FOLDER)  # this package's trainers, without setting it up
     teacher = args.teacher or _default_teacher(args.dataset, args.configuration)
     result = bench_step(args.dataset, args.configuration, args.plans, args.trainers, teacher, args.device,
-                        args.warmup, args.repeats)
+                        args.warmup, args.repeats, teacher_folds=args.teacher_folds,
+                        teacher_targets=args.teacher_targets, loader=args.loader)
     print(format_step(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -227,7 +230,7 @@ def study_command(args: argparse.Namespace) -> None:
                      schedule=args.schedule,
                      test_images=os.path.abspath(args.test_images) if args.test_images else None,
                      test_labels=os.path.abspath(args.test_labels) if args.test_labels else None,
-                     device=args.device)
+                     device=args.device, teacher_targets=args.teacher_targets)
     output = Path(args.output or f"study_{dataset}_{args.configuration}_{args.plans}")
     if not args.report_only:
         run_study(plan, output, jobs=args.jobs)
@@ -396,6 +399,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trainers", nargs="+", default=DEFAULT_STEP_TRAINERS,
                    help="first one is the reference (plain student)")
     p.add_argument("--teacher", default=None, help="teacher model folder (default: the stock or demo teacher)")
+    p.add_argument("--teacher-folds", nargs="+", default=None, help="online teacher folds, averaged as an ensemble "
+                                                                    "(default: fold 0)")
+    p.add_argument("--teacher-targets", default=None, help="stored targets (`nnunet_kd teacher-targets`): also time "
+                                                           "every KD trainer learning from them, and the loaders")
+    p.add_argument("--loader", action="store_true", help="also time nnU-Net's training data loader per batch")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
@@ -458,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-images", default=None, help="test images in nnU-Net naming (optional)")
     p.add_argument("--test-labels", default=None, help="their reference segmentations")
     p.add_argument("--device", default="cuda", choices=["cpu", "cuda"], help="training and prediction device")
+    p.add_argument("--teacher-targets", default=None,
+                   help="stored teacher targets (`nnunet_kd teacher-targets`, a name or folder) the KD trainers learn "
+                        "from instead of running the teacher (sets nnUNet_KD_teacher_targets)")
     p.add_argument("--time-cases", type=int, default=3, help="validation cases to time per model on the CPU (0: skip)")
     p.add_argument("-o", "--output", default=None,
                    help="study folder (default: study_<dataset>_<configuration>_<plans>); re-running continues it")

@@ -25,6 +25,7 @@ from nnunet_kd.settings import (
     ENV_NUM_EPOCHS,
     ENV_SEED,
     ENV_TEACHER,
+    ENV_TEACHER_TARGETS,
     ENV_VAL_ITERATIONS_PER_EPOCH,
 )
 from nnunet_kd.tools import TRAINERS_FOLDER, command_environment
@@ -50,6 +51,8 @@ class StudyPlan:
     test_images: str | None = None
     test_labels: str | None = None
     device: str = "cpu"
+    # stored teacher outputs (`nnunet_kd teacher-targets`) the KD trainers learn from instead of the teacher network
+    teacher_targets: str | None = None
 
     def trainer_class(self, trainer: str) -> str:
         return f"{trainer}_{self.schedule}" if self.schedule else trainer
@@ -57,6 +60,8 @@ class StudyPlan:
     def environment(self) -> dict[str, str]:
         """Variables every training run of this study gets (besides its seed and results folder)."""
         env = {ENV_TEACHER: self.teacher}
+        if self.teacher_targets:
+            env[ENV_TEACHER_TARGETS] = self.teacher_targets
         if self.num_epochs:
             env[ENV_NUM_EPOCHS] = str(self.num_epochs)
         if self.iterations_per_epoch:
@@ -181,6 +186,10 @@ def check_inputs(plan: StudyPlan) -> None:
                                    f"{sorted(configurations)}).")
     check_teacher_files(TeacherSpec(plan.teacher, (plan.fold,), "checkpoint_final.pth"), plan.dataset,
                         plan.configuration)
+    if plan.teacher_targets:
+        from nnunet_kd.teacher_targets import StoredTargets
+
+        StoredTargets.locate(plan.teacher_targets, plans_file.parent)
     if (plan.test_images is None) != (plan.test_labels is None):
         raise KDConfigurationError("Give both --test-images and --test-labels, or neither.")
     for folder in (plan.test_images, plan.test_labels):

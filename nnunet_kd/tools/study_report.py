@@ -169,7 +169,9 @@ def format_markdown(plan: StudyPlan, study: Path, results: dict[str, TrainerResu
     lines = [f"# KD study: {plan.dataset}, {plan.configuration}, student plans `{plan.plans}`", "",
              f"Teacher `{Path(plan.teacher).name}`; baseline (no KD) `{baseline}`; seeds {list(plan.seeds)}; "
              f"{schedule}; fold {plan.fold}; device {plan.device}. Each seed starts every trainer from the same "
-             f"initial student weights.", ""]
+             f"initial student weights." + (f" KD trainers learn from the stored teacher targets "
+                                             f"`{Path(plan.teacher_targets).name}` (`nnunet_kd teacher-targets`)."
+                                             if plan.teacher_targets else ""), ""]
     machines = study_machines(study)
     if machines:
         lines += ["Trained on: " + "; ".join(machines), ""]
