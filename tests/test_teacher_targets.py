@@ -284,3 +284,18 @@ def test_resume_refuses_other_targets(workspace, targets_3d, tmp_path, monkeypat
     with pytest.raises(KDConfigurationError, match="not the targets this training started with"):
         trainer.on_train_start()
 
+
+
+def test_bench_step_times_stored_targets_against_online_teachers(workspace, teacher_3d, targets_3d, tmp_path):
+    out = tmp_path / "step.json"
+    result = workspace.run("nnunet_kd", "bench", "step", str(DATASET_ID), "-p", STUDENT_PLANS, "--trainers",
+                           "nnUNetTrainerStudent", "nnUNetTrainerKDLogits", "--teacher", str(teacher_3d),
+                           "--teacher-folds", "0", "1", "--teacher-targets", targets_3d.name, "--warmup", "1",
+                           "--repeats", "2", "--json", str(out))
+    step = json.loads(out.read_text())
+    assert step["teacher_folds"] == [0, 1] and step["teacher_targets"] == targets_3d.name
+    assert [row["trainer"] for row in step["trainers"]] == [
+        "nnUNetTrainerStudent", "nnUNetTrainerKDLogits", "nnUNetTrainerKDLogits [stored targets]"]
+    assert set(step["loader_s"]) == {"plain", "stored targets"} and all(v > 0 for v in step["loader_s"].values())
+    assert all(row["load_s"] > 0 and np.isfinite(row["load_and_step_ratio"]) for row in step["trainers"])
+    assert "load+step ratio" in result.stdout
