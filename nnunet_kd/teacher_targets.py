@@ -34,6 +34,7 @@ from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 
 from nnunet_kd import __version__
+from nnunet_kd.cpu_inference import use_onednn_convolutions
 from nnunet_kd.errors import KDConfigurationError
 from nnunet_kd.losses.deep_supervision import resample_logits
 from nnunet_kd.settings import ENV_TEACHER_TARGETS
@@ -136,6 +137,8 @@ def write_teacher_targets(teacher: TeacherSpec, preprocessed_dataset_folder: str
                                 perform_everything_on_device=torch_device.type == "cuda", device=torch_device,
                                 allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(teacher.model_folder, teacher.folds, teacher.checkpoint_name)
+    if torch_device.type == "cpu":  # nnU-Net's tiles are batches of one: keep the convolutions on oneDNN
+        use_onednn_convolutions(getattr(predictor.network, "_orig_mod", predictor.network))
     problems = compatibility_problems(predictor.plans_manager, predictor.configuration_manager,
                                       predictor.dataset_json, plans_manager, config, dataset_json)
     if problems:
