@@ -299,3 +299,23 @@ def test_bench_step_times_stored_targets_against_online_teachers(workspace, teac
     assert set(step["loader_s"]) == {"plain", "stored targets"} and all(v > 0 for v in step["loader_s"].values())
     assert all(row["load_s"] > 0 and np.isfinite(row["load_and_step_ratio"]) for row in step["trainers"])
     assert "load+step ratio" in result.stdout
+
+
+def test_study_runs_kd_trainers_from_stored_targets(workspace, teacher_3d, targets_3d, tmp_path):
+    def study(targets: str, check: bool = True):
+        return workspace.run(
+            "nnunet_kd", "study", str(DATASET_ID), "-c", "3d_fullres", "-p", STUDENT_PLANS, "--teacher",
+            teacher_3d.name, "--trainers", "nnUNetTrainerStudent", "nnUNetTrainerKDLogits", "--seeds", "0",
+            "--epochs", "1", "--iterations", "2", "--val-iterations", "1", "--device", "cpu", "--time-cases", "0",
+            "--teacher-targets", targets, "-o", str(tmp_path / "study"), check=check)
+
+    refused = study("no_such_targets", check=False)
+    assert refused.returncode == 2 and "no stored teacher targets there" in refused.stderr
+    assert not (tmp_path / "study" / "runs").exists()
+
+    study(targets_3d.name)
+    fold = tmp_path / "study" / "runs" / "seed_0" / workspace.results.name / \
+        f"nnUNetTrainerKDLogits__{STUDENT_PLANS}__3d_fullres" / "fold_0"
+    record = json.loads((fold / "kd_settings.json").read_text())
+    assert record["teacher_targets"]["folder"] == str(targets_3d.resolve()) and record["seed"] == 0
+    assert "learn from the stored teacher targets" in (tmp_path / "study" / "report.md").read_text()
