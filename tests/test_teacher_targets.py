@@ -301,21 +301,34 @@ def test_bench_step_times_stored_targets_against_online_teachers(workspace, teac
     assert "load+step ratio" in result.stdout
 
 
-def test_study_runs_kd_trainers_from_stored_targets(workspace, teacher_3d, targets_3d, tmp_path):
-    def study(targets: str, check: bool = True):
+def test_study_runs_kd_trainers_from_stored_targets_and_compares_with_online_kd(workspace, teacher_3d, targets_3d,
+                                                                                   tmp_path):
+    def study(output, *targets: str, check: bool = True):
         return workspace.run(
             "nnunet_kd", "study", str(DATASET_ID), "-c", "3d_fullres", "-p", STUDENT_PLANS, "--teacher",
             teacher_3d.name, "--trainers", "nnUNetTrainerStudent", "nnUNetTrainerKDLogits", "--seeds", "0",
             "--epochs", "1", "--iterations", "2", "--val-iterations", "1", "--device", "cpu", "--time-cases", "0",
-            "--teacher-targets", targets, "-o", str(tmp_path / "study"), check=check)
+            *targets, "-o", str(output), check=check)
 
-    refused = study("no_such_targets", check=False)
+    stored, online = tmp_path / "stored", tmp_path / "online"
+    refused = study(stored, "--teacher-targets", "no_such_targets", check=False)
     assert refused.returncode == 2 and "no stored teacher targets there" in refused.stderr
-    assert not (tmp_path / "study" / "runs").exists()
+    assert not (stored / "runs").exists()
 
-    study(targets_3d.name)
-    fold = tmp_path / "study" / "runs" / "seed_0" / workspace.results.name / \
-        f"nnUNetTrainerKDLogits__{STUDENT_PLANS}__3d_fullres" / "fold_0"
-    record = json.loads((fold / "kd_settings.json").read_text())
+    study(stored, "--teacher-targets", targets_3d.name)
+    runs = Path("runs") / "seed_0" / workspace.results.name
+    record = json.loads((stored / runs / f"nnUNetTrainerKDLogits__{STUDENT_PLANS}__3d_fullres" / "fold_0" /
+                         "kd_settings.json").read_text())
     assert record["teacher_targets"]["folder"] == str(targets_3d.resolve()) and record["seed"] == 0
-    assert "learn from the stored teacher targets" in (tmp_path / "study" / "report.md").read_text()
+    assert "learn from the stored teacher targets" in (stored / "report.md").read_text()
+
+    # the online twin: the same baseline run, online KD trained; then the paired comparison of the two studies
+    baseline = runs / f"nnUNetTrainerStudent__{STUDENT_PLANS}__3d_fullres"
+    shutil.copytree(stored / baseline, online / baseline)
+    study(online)
+    table = workspace.run("nnunet_kd", "study-compare", str(online), str(stored)).stdout
+    assert f"teacher_targets None -> '{targets_3d.name}'" in table
+    row = next(line for line in table.splitlines() if line.startswith("| nnUNetTrainerKDLogits | validation | 1 |"))
+    assert "95 % CI" in table and row.count("|") == 10
+    mismatch = workspace.run("nnunet_kd", "study-compare", str(online), str(tmp_path), check=False)
+    assert mismatch.returncode == 2 and "not a study folder" in mismatch.stderr

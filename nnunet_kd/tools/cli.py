@@ -238,6 +238,15 @@ def study_command(args: argparse.Namespace) -> None:
     print(f"report: {output.resolve() / 'report.md'}")
 
 
+def study_compare_command(args: argparse.Namespace) -> None:
+    from nnunet_kd.tools.study_report import compare_studies
+
+    table = compare_studies(Path(args.reference), Path(args.other), args.trainers)
+    print(table)
+    if args.output:
+        Path(args.output).write_text(table + "\n")
+
+
 def schedules_command(args: argparse.Namespace) -> None:
     from nnunet_kd.schedule import SCHEDULES
 
@@ -476,6 +485,14 @@ def main(argv: list[str] | None = None) -> int:
                                                        "GPU; default: 1)")
     p.add_argument("--report-only", action="store_true", help="write the report from the runs finished so far")
     p.set_defaults(func=study_command)
+
+    p = sub.add_parser("study-compare", help="the same trainers in two studies that differ in one setting (e.g. "
+                                             "online vs stored-target KD), paired by seed and case")
+    p.add_argument("reference", help="study folder, e.g. with the online teacher")
+    p.add_argument("other", help="study folder of the same dataset, plans, fold and schedule, e.g. with stored targets")
+    p.add_argument("--trainers", nargs="+", default=None, help="default: every KD trainer of OTHER that REFERENCE has")
+    p.add_argument("-o", "--output", default=None, help="also write the Markdown table here")
+    p.set_defaults(func=study_compare_command)
 
     p = sub.add_parser("teacher-targets", help="run a teacher (a fold or a fold ensemble, with mirroring) once over "
                                                "every preprocessed case and store its outputs, so that KD trainers "

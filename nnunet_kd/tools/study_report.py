@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_kd.tools.study import Run, StudyPlan, plan_runs
+from nnunet_kd.errors import KDConfigurationError
+from nnunet_kd.tools.study import STUDY_FILE, Run, StudyPlan, plan_runs
 from nnunet_kd.tools.study_stats import PairedComparison, compare, still_improving
 
 SPLITS = {"validation": "validation (fold {fold})", "test": "test set"}
@@ -327,3 +328,45 @@ def write_report(plan: StudyPlan, study: Path, time_cases: int = 3, num_resample
     plot(study / "study.png", plan, results, teacher)
     print(markdown, flush=True)
     return study / "report.md"
+
+
+def _recorded_plan(study: Path) -> StudyPlan:
+    path = study / STUDY_FILE
+    if not path.is_file():
+        raise KDConfigurationError(f"{study} is not a study folder (no {STUDY_FILE}).")
+    recorded = json.loads(path.read_text())
+    return StudyPlan(**{**recorded, "trainers": tuple(recorded["trainers"]), "seeds": tuple(recorded["seeds"])})
+
+
+def compare_studies(reference: Path, other: Path, trainers: list[str] | None = None,
+                    num_resamples: int = 10000) -> str:
+    """The same trainers in two studies that differ in one setting (e.g. online vs stored-target KD), paired by seed
+    (the same initial weights) and case: other minus reference, with the hierarchical bootstrap interval."""
+    plans = [_recorded_plan(study) for study in (reference, other)]
+    fixed = ("dataset", "configuration", "plans", "fold", "num_epochs", "iterations_per_epoch", "schedule")
+    mismatched = [k for k in fixed if getattr(plans[0], k) != getattr(plans[1], k)]
+    if mismatched:
+        raise KDConfigurationError(f"The studies differ in {mismatched}: their runs are not paired. Compare studies "
+                                   f"of the same dataset, plans, fold and schedule.")
+    differing = {k: (v, getattr(plans[1], k)) for k, v in vars(plans[0]).items()
+                 if k not in (*fixed, "trainers", "seeds", "device") and getattr(plans[1], k) != v}
+    (ref_results, _, _), (other_results, _, _) = (collect(plans[0], reference.resolve()),
+                                                  collect(plans[1], other.resolve()))
+    names = trainers or [t for t in plans[1].trainers[1:] if t in plans[0].trainers]
+    lines = [f"Paired by seed and case: `{other}` minus `{reference}`. The studies differ in: "
+             + (", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in differing.items()) or "nothing recorded") + ".", "",
+             "| trainer | split | seeds | reference mean Dice | other mean Dice | Δ | 95 % CI | per seed Δ | "
+             "won / lost / tied |", "|---|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        if name not in ref_results or name not in other_results:
+            raise KDConfigurationError(f"{name} is not in both studies ({list(ref_results)}, {list(other_results)}).")
+        for split in SPLITS:
+            other_dice, reference_dice, seeds = _paired(ref_results[name], other_results[name], split)
+            if not seeds:
+                continue
+            c = compare(other_dice, reference_dice, None, num_resamples)
+            per_seed = ", ".join(f"{s}: {d:+.3f}" for s, d in zip(seeds, c.per_seed_difference))
+            lines.append(f"| {name} | {split} | {len(seeds)} | {np.nanmean(reference_dice):.3f} | "
+                         f"{np.nanmean(other_dice):.3f} | {c.mean_difference:+.4f} | "
+                         f"[{c.ci_low:+.4f}, {c.ci_high:+.4f}] | {per_seed} | {c.wins} / {c.losses} / {c.ties} |")
+    return "\n".join(lines)
