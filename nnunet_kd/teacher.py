@@ -90,7 +90,7 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _normalised_labels(dataset_json: dict) -> tuple:
+def normalised_labels(dataset_json: dict) -> tuple:
     # regions may be stored as lists or tuples: compare their canonical form. With regions, the key order is the output
     # channel order, so it must match too; plain labels are identified by their values alone.
     labels = [(k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in dataset_json["labels"].items()]
@@ -108,7 +108,7 @@ def compatibility_problems(teacher_plans, teacher_config, teacher_dataset_json: 
     have any architecture and patch size; only what changes the voxels or the meaning of the outputs is compared.
     """
     problems = []
-    if _normalised_labels(teacher_dataset_json) != _normalised_labels(student_dataset_json):
+    if normalised_labels(teacher_dataset_json) != normalised_labels(student_dataset_json):
         problems.append(f"label/region definitions differ: teacher {teacher_dataset_json['labels']} "
                         f"(regions_class_order {teacher_dataset_json.get('regions_class_order')}), student "
                         f"{student_dataset_json['labels']} (regions_class_order "

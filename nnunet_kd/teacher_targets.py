@@ -38,7 +38,7 @@ from nnunet_kd.cpu_inference import use_onednn_convolutions
 from nnunet_kd.errors import KDConfigurationError
 from nnunet_kd.losses.deep_supervision import resample_logits
 from nnunet_kd.settings import ENV_TEACHER_TARGETS
-from nnunet_kd.teacher import TeacherSpec, _normalised_labels, check_teacher_files, compatibility_problems, file_sha256
+from nnunet_kd.teacher import TeacherSpec, check_teacher_files, compatibility_problems, file_sha256, normalised_labels
 
 TARGETS_FOLDER = "kd_targets"
 MANIFEST = "manifest.json"
@@ -254,7 +254,7 @@ class StoredTargets:
         if data["data_identifier"] != configuration_manager.data_identifier:
             problems.append(f"they were written for the preprocessed data {data['data_identifier']}, the student "
                             f"reads {configuration_manager.data_identifier}")
-        if _normalised_labels(data["dataset_json"]) != _normalised_labels(dataset_json):
+        if normalised_labels(data["dataset_json"]) != normalised_labels(dataset_json):
             problems.append(f"their labels {data['labels']} differ from the student's {dataset_json['labels']}")
         if not problems:
             stored_plans = PlansManager(data["plans"])
