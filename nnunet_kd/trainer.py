@@ -236,9 +236,13 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
         return dataset_train, dataset_val
 
     def get_training_transforms(self, *args, **kwargs):
-        # nnU-Net declares this static but calls it on the trainer, so an instance can add its stored targets
+        # nnU-Net declares this static but calls it on the trainer, so an instance can add its stored targets. The
+        # loader's image has the dataset's channels; a cascade adds the previous stage's one-hot channels later, in
+        # front of the targets, which is where train_step's split (at num_input_channels) expects them.
         transforms = super().get_training_transforms(*args, **kwargs)
-        return transforms if self.stored_targets is None else with_stored_targets(transforms, self.num_input_channels)
+        if self.stored_targets is None:
+            return transforms
+        return with_stored_targets(transforms, len(self.dataset_json["channel_names"]))
 
     def inputs_and_targets(self, batch: dict) -> tuple[torch.Tensor, object, torch.Tensor | None]:
         """The batch on the device: image, labels, and the stored teacher targets (None: the teacher runs online)."""
