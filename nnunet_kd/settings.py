@@ -157,13 +157,17 @@ class KDSettings(BaseKDSettings):
     """alpha: weight of the KD term in `L = L_seg + alpha · L_KD`.
     scales: 'full' applies KD to the full-resolution output only; 'all' to every deep-supervision output, with the
     teacher's logits area-resampled to each scale and nnU-Net's deep-supervision weights.
+    warmup: share of the epochs over which the KD weight rises linearly from alpha/E_w to alpha (0: none), so that
+    the segmentation loss shapes a freshly initialised student first.
     """
 
     alpha: float = 1.0
     scales: str = "full"
+    warmup: float = 0.0
 
     def __post_init__(self) -> None:
         _require(_is_finite_at_least(self.alpha, 0), f"KD alpha must be finite and >= 0, got {self.alpha}")
+        _require(0 <= self.warmup <= 1, f"KD warmup must be a share of the epochs in [0, 1], got {self.warmup}")
         _require(self.scales in ("full", "all"), f"KD scales must be 'full' or 'all', got {self.scales!r}")
 
 

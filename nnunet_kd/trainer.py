@@ -78,6 +78,12 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
     def seg_loss_weight(self) -> float:
         return 1.0
 
+    @property
+    def kd_ramp(self) -> float:
+        """The share of the KD weights in force this epoch: rises linearly over the `warmup` share of the epochs."""
+        warmup_epochs = getattr(self.kd_settings, "warmup", 0.0) * self.num_epochs
+        return 1.0 if warmup_epochs <= 0 else min(1.0, (self.current_epoch + 1) / warmup_epochs)
+
     # nnU-Net's network from the plans, with convolutions that stay fast on the CPU for small students
     build_network_architecture = staticmethod(build_network_with_onednn)
 
@@ -266,6 +272,6 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
             teacher_output = self.teacher_output(data, stored, output)
             parts = {"seg_loss": self.loss(output, target)}
             parts.update({name: module(output, teacher_output) for name, (module, _) in self.kd_terms.items()})
-            loss = self.seg_loss_weight * parts["seg_loss"] + sum(weight * parts[name]
-                                                                  for name, (_, weight) in self.kd_terms.items())
+            loss = self.seg_loss_weight * parts["seg_loss"] + self.kd_ramp * sum(
+                weight * parts[name] for name, (_, weight) in self.kd_terms.items())
         return self.finish_step(loss, parts)

@@ -54,7 +54,7 @@ def test_kd_logits_student_trains_logs_and_checkpoints_only_the_student(workspac
     assert (fold / "progress.png").is_file() and (fold / "progress_kd.png").is_file()
 
     settings = json.loads((fold / "kd_settings.json").read_text())
-    assert settings["settings"] == {"alpha": 1.0, "temperature": 2.0, "scales": "full"}
+    assert settings["settings"] == {"alpha": 1.0, "temperature": 2.0, "scales": "full", "warmup": 0.0}
     assert settings["loss"]["activation"] == "softmax"
     assert settings["teacher"]["folds"] == [0] and len(settings["teacher"]["checkpoint_sha256"]) == 1
     assert settings["student"]["num_parameters"] == student_parameters

@@ -112,7 +112,8 @@ def test_checkpoint_holds_the_compact_student_and_stock_predict_runs_it(workspac
                                                          master[decoder_conv][:32, 128:160]], 1))
 
     settings = json.loads((fold / "kd_settings.json").read_text())
-    assert settings["settings"] == {"alpha": 1.0, "temperature": 2.0, "scales": "full", "max_width": 4.0, "stages": 4}
+    assert settings["settings"] == {"alpha": 1.0, "temperature": 2.0, "scales": "full", "warmup": 0.0, "max_width": 4.0,
+                                    "stages": 4}
     assert settings["growth"]["student_widths"] == [8, 16, 32, 64]
     assert settings["growth"]["max_widths"] == [32, 64, 128, 256]
     assert settings["student"]["num_parameters"] < settings["growth"]["master_parameters"] / 10

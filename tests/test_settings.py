@@ -48,7 +48,7 @@ def test_alpha_zero_is_allowed() -> None:
 
 def test_env_names() -> None:
     assert SoftTargetSettings.env_names() == {"alpha": "nnUNet_KD_alpha", "scales": "nnUNet_KD_scales",
-                                              "temperature": "nnUNet_KD_temperature"}
+                                              "warmup": "nnUNet_KD_warmup", "temperature": "nnUNet_KD_temperature"}
 
 
 def test_with_environment_applies_every_variable() -> None:
@@ -107,7 +107,7 @@ def test_kd_settings_ignored_environment_reports_temperature_as_unused() -> None
 
 
 def test_kd_settings_to_json() -> None:
-    assert KDSettings(alpha=0.1).to_json() == {"alpha": 0.1, "scales": "full"}
+    assert KDSettings(alpha=0.1).to_json() == {"alpha": 0.1, "scales": "full", "warmup": 0.0}
 
 
 def test_ignored_environment_lists_unknown_kd_variables_only() -> None:
@@ -131,10 +131,12 @@ def test_ignored_environment_is_empty_for_known_variables() -> None:
 def test_run_environment_reads_every_run_variable_once() -> None:
     run = RunEnvironment.read({"nnUNet_KD_teacher": "T", "nnUNet_KD_teacher_folds": "0, 1 all",
                                "nnUNet_KD_teacher_checkpoint": "checkpoint_best.pth", "nnUNet_KD_seed": "3",
+                               "nnUNet_KD_teacher_targets": "teacher__f0-1",
                                "nnUNet_KD_num_epochs": "40", "nnUNet_KD_iterations_per_epoch": "50",
                                "nnUNet_KD_val_iterations_per_epoch": ""})
-    assert run == RunEnvironment("T", (0, 1, "all"), "checkpoint_best.pth", 3,
-                                 (("num_epochs", 40), ("num_iterations_per_epoch", 50)))
+    assert run == RunEnvironment(teacher="T", teacher_folds=(0, 1, "all"), teacher_checkpoint="checkpoint_best.pth",
+                                 teacher_targets="teacher__f0-1", seed=3,
+                                 schedule=(("num_epochs", 40), ("num_iterations_per_epoch", 50)))
     assert RunEnvironment.read({}) == RunEnvironment()
 
 
@@ -149,7 +151,7 @@ def test_run_environment_names_a_bad_value(name, value, message) -> None:
 def test_to_json_round_trips_through_constructor() -> None:
     settings = SoftTargetSettings(alpha=0.25, scales="all", temperature=3.0)
     record = json.loads(json.dumps(settings.to_json()))
-    assert record == {"alpha": 0.25, "scales": "all", "temperature": 3.0}
+    assert record == {"alpha": 0.25, "scales": "all", "temperature": 3.0, "warmup": 0.0}
     assert SoftTargetSettings(**record) == settings
 
 
@@ -184,3 +186,19 @@ def test_seed_from_environment_makes_initialisation_repeatable():
     first = torch.randn(3)
     seed_from_environment({"nnUNet_KD_seed": "7"})
     assert torch.equal(first, torch.randn(3))
+
+
+def test_kd_warmup_ramps_the_kd_weight_over_its_share_of_the_epochs() -> None:
+    from types import SimpleNamespace
+
+    from nnunet_kd.trainer import nnUNetTrainerKD
+
+    def ramp(warmup: float, epoch: int, epochs: int = 40) -> float:
+        run = SimpleNamespace(kd_settings=SoftTargetSettings(warmup=warmup), num_epochs=epochs, current_epoch=epoch)
+        return nnUNetTrainerKD.kd_ramp.fget(run)
+
+    assert [ramp(0.25, e) for e in (0, 4, 9, 10, 39)] == [0.1, 0.5, 1.0, 1.0, 1.0]
+    assert ramp(0.0, 0) == 1.0
+    assert ramp(0.25, 0, epochs=2) == 1.0  # a warm-up shorter than one epoch is none
+    with pytest.raises(KDConfigurationError, match="warmup"):
+        SoftTargetSettings(warmup=1.5)

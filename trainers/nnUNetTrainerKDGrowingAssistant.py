@@ -111,7 +111,7 @@ class nnUNetTrainerKDGrowingAssistant(nnUNetTrainerKD):
     # ---- training ----
     def train_step(self, batch: dict) -> dict:
         data, target, stored = self.inputs_and_targets(batch)
-        kd, alpha = self.kd_terms["kd_loss"][0], self.kd_settings.alpha
+        kd, alpha = self.kd_terms["kd_loss"][0], self.kd_settings.alpha * self.kd_ramp
 
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():

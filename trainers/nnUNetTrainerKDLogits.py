@@ -2,7 +2,7 @@
 
 `L = L_seg + alpha · T² · KL(σ(z_t/T) || σ(z_s/T))`, per-voxel normalised; σ is a softmax for label-based tasks and a
 per-channel sigmoid for region-based ones. Environment overrides: nnUNet_KD_alpha, nnUNet_KD_temperature,
-nnUNet_KD_scales.
+nnUNet_KD_scales, nnUNet_KD_warmup.
 """
 from dataclasses import replace
 
@@ -32,3 +32,8 @@ class nnUNetTrainerKDLogits_alpha05(nnUNetTrainerKDLogits):
 
 class nnUNetTrainerKDLogits_allScales(nnUNetTrainerKDLogits):
     kd_defaults = replace(nnUNetTrainerKDLogits.kd_defaults, scales="all")
+
+
+class nnUNetTrainerKDLogits_warmup(nnUNetTrainerKDLogits):
+    # the KD weight rises over the first quarter of the epochs: the segmentation loss leads while the student is new
+    kd_defaults = replace(nnUNetTrainerKDLogits.kd_defaults, warmup=0.25)
