@@ -128,13 +128,14 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
                                        f"teach this student ({self.plans_manager.plans_name}, "
                                        f"{self.configuration_name}, fold {self.fold}):\n  - " + "\n  - ".join(problems))
         self.stored_targets = targets
-        self.kd_terms = self.build_kd_terms(self.output_activation, self.num_outputs)
+        self.set_kd_terms()
         self.print_to_log_file(f"Knowledge distillation ({type(self).__name__}) from stored teacher targets "
                                f"{targets.folder} (teacher {targets.manifest['teacher']['model_folder']} folds "
                                f"{targets.manifest['teacher']['folds']}, mirroring "
                                f"{targets.manifest['teacher']['mirroring']}): no teacher network is loaded. Settings "
                                f"{self.kd_settings.to_json()}", also_print_to_console=True)
-        return {"loss": self.loss_record(), "teacher_targets": targets.record(), "student": self.student_record()}
+        return {"loss": self.loss_record(), "teacher_targets": targets.record(), "student": self.student_record(),
+                **self.kd_record_extras()}
 
     @property
     def output_activation(self) -> str:
@@ -166,6 +167,9 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
                                        + "\n  - ".join(problems))
         self.teacher = teacher.module
         self._loaded_teacher = teacher
+        self.set_kd_terms()
+
+    def set_kd_terms(self) -> None:
         self.kd_terms = self.build_kd_terms(self.output_activation, self.num_outputs)
         if ("seg_loss", *self.kd_terms) != tuple(self.kd_loss_parts[:1 + len(self.kd_terms)]):
             raise RuntimeError(f"{type(self).__name__}.kd_loss_parts {self.kd_loss_parts} must start with 'seg_loss' "
