@@ -284,6 +284,14 @@ def test_resume_refuses_other_targets(workspace, targets_3d, tmp_path, monkeypat
     with pytest.raises(KDConfigurationError, match="not the targets this training started with"):
         trainer.on_train_start()
 
+    # with the targets it started with (whatever the environment names now) the run continues from them
+    record["teacher_targets"]["folder"] = str(targets_3d)
+    (fold / "kd_settings.json").write_text(json.dumps(record))
+    trainer = _trainer(workspace, monkeypatch, {"nnUNet_KD_teacher_targets": str(other)}, results=results)
+    trainer.load_checkpoint(str(fold / "checkpoint_latest.pth"))
+    trainer.prepare_distillation()
+    assert trainer.stored_targets.folder == targets_3d.resolve() and trainer.teacher is None
+
 
 
 def test_bench_step_times_stored_targets_against_online_teachers(workspace, teacher_3d, targets_3d, tmp_path):
