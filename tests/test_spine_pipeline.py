@@ -1,0 +1,100 @@
+"""The vertebra search and the per-vertebra scores, with exact stand-ins for the two networks.
+
+The stand-ins read the truth from a "CT" whose intensities carry the labels (label x 1000 + 100), so the search's own
+logic (placing patches along the located spine, the memory, numbering, stopping) is what is tested; the nnU-Net
+models behind the same interface are trained and run in tests/test_spine_end_to_end.py.
+"""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_kd.spine.derive import target_vertebra
+from nnunet_kd.spine.evaluate import score_vertebrae
+from nnunet_kd.spine.pipeline import SearchSettings, segment_vertebrae
+from nnunet_kd.spine.synthetic import SpineSpec, generate_spine_case
+from nnunet_kd.spine.verse import vertebrae_top_down
+
+
+def _encoded_ct(mask: np.ndarray, spacing: float, flip_axis: int | None = None) -> sitk.Image:
+    array = np.where(mask > 0, mask.astype(np.float32) * 1000 + 100, -1000.0).astype(np.float32)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((spacing,) * 3)
+    return image
+
+
+def _oracle(mask: np.ndarray):
+    order = vertebrae_top_down(mask, 0, 1)
+    voxels = {label: int((mask == label).sum()) for label in order}
+
+    def locate(ct, spacing):
+        return ct > 0
+
+    def segment(ct_patch, memory_patch, spacing):
+        labels = np.where(ct_patch > 0, np.round((ct_patch - 100) / 1000), 0).astype(int)
+        target = target_vertebra(labels, memory_patch, order, voxels)
+        return labels == target if target is not None else np.zeros(labels.shape, bool)
+
+    return locate, segment, order
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_search_finds_every_vertebra_from_the_top_and_stops(seed):
+    _, mask, _ = generate_spine_case(np.random.default_rng(seed), SpineSpec())
+    locate, segment, order = _oracle(mask)
+    lines = []
+    result = segment_vertebrae(_encoded_ct(mask, 2.0), locate, segment, SearchSettings(spacing=2.0, patch_mm=96.0),
+                               progress=lines.append)
+    found = sitk.GetArrayFromImage(result.instances)
+    assert [c["label"] for c in result.centroids] == list(range(1, len(order) + 1))
+    for number, label in enumerate(order, 1):
+        # the search keeps a vertebra's largest connected part: a stray voxel of the generated bone may drop out
+        overlap = ((found == number) & (mask == label)).sum()
+        assert overlap >= 0.99 * (mask == label).sum() and overlap == (found == number).sum(), (number, label)
+    assert lines[0].startswith("stage 1: spine located")
+    assert "no further vertebra" in lines[-1] or "passed the lower end" in lines[-1]
+    scores = score_vertebrae(mask, found, (2.0, 2.0, 2.0))
+    assert scores["detection_rate"] == 1.0 and scores["mean_dice"] > 0.99
+    assert scores["merged"] == scores["split"] == scores["missed"] == scores["spurious"] == 0
+
+
+def test_a_ct_without_a_spine_gives_no_vertebrae_and_says_so():
+    empty = sitk.GetImageFromArray(np.full((40, 30, 30), -1000.0, np.float32))
+    result = segment_vertebrae(empty, lambda ct, s: ct > 0, lambda c, m, s: np.zeros(c.shape, bool),
+                               SearchSettings(spacing=1.0, patch_mm=20.0))
+    assert sitk.GetArrayFromImage(result.instances).max() == 0 and result.centroids == []
+    assert "no spine" in result.log[-1]
+
+
+def test_scores_count_missed_merged_and_split_vertebrae():
+    reference = np.zeros((30, 10, 10), np.uint8)
+    for index, label in enumerate((20, 21, 22)):
+        reference[index * 10:index * 10 + 8] = label
+    prediction = np.zeros_like(reference)
+    prediction[0:18] = 1  # merges 20 and 21
+    prediction[20:24], prediction[24:28] = 2, 3  # splits 22
+    scores = score_vertebrae(reference, prediction, (1.0, 1.0, 1.0))
+    assert scores["merged"] == 1 and scores["split"] == 1 and scores["missed"] == 0
+    rows = {v["reference_label"]: v for v in scores["vertebrae"]}
+    assert rows[22]["split"] and rows[20]["predicted_label"] == 1 and 0 < rows[22]["dice"] < 1
+    only_top = np.where(reference == 20, 5, 0).astype(np.uint8)
+    scores = score_vertebrae(reference, only_top, (1.0, 1.0, 1.0))
+    assert scores["missed"] == 2 and scores["detected"] == 1 and scores["detection_rate"] == pytest.approx(1 / 3)
+
+
+def test_the_search_follows_the_image_direction_not_the_array_order():
+    _, mask, _ = generate_spine_case(np.random.default_rng(5), SpineSpec())
+    upright = segment_vertebrae(_encoded_ct(mask, 2.0), *_oracle(mask)[:2], SearchSettings(spacing=2.0))
+    flipped = mask[::-1].copy()  # index 0 is now the most superior slice ...
+    image = _encoded_ct(flipped, 2.0)
+    image.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, -1))  # ... because the z axis points down
+    locate, _, _ = _oracle(mask)
+
+    def segment(ct_patch, memory_patch, spacing):  # the rule in the flipped array: the top is the low index
+        labels = np.where(ct_patch > 0, np.round((ct_patch - 100) / 1000), 0).astype(int)
+        order = vertebrae_top_down(flipped, 0, -1)
+        target = target_vertebra(labels, memory_patch, order, {lb: int((flipped == lb).sum()) for lb in order})
+        return labels == target if target is not None else np.zeros(labels.shape, bool)
+
+    result = segment_vertebrae(image, locate, segment, SearchSettings(spacing=2.0))
+    assert np.array_equal(sitk.GetArrayFromImage(result.instances)[::-1], sitk.GetArrayFromImage(upright.instances))
+    assert len(result.centroids) == len(upright.centroids) >= 4
