@@ -40,11 +40,12 @@ def _write(array: np.ndarray, reference: sitk.Image, path: Path) -> None:
     sitk.WriteImage(image, str(path))
 
 
-def _dataset_json(folder: Path, channels: dict, labels: dict, num_training: int, description: str) -> None:
+def _dataset_json(folder: Path, channels: dict, labels: dict, num_training: int, description: str,
+                  **extra) -> None:
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
     generate_dataset_json(str(folder), channels, labels, num_training, ".nii.gz", dataset_name=folder.name,
-                          description=description)
+                          description=description, **extra)
 
 
 def write_stage1_dataset(cases: Sequence[SpineCase], folder: Path, spacing: float = 4.0) -> list[str]:
@@ -139,11 +140,36 @@ def write_stage2_dataset(cases: Sequence[SpineCase], folder: Path, spacing: floa
             _write(memory, reference, folder / "imagesTr" / f"{name}_0001.nii.gz")
             _write(label, reference, folder / "labelsTr" / f"{name}.nii.gz")
             groups.setdefault(case.name, []).append(name)
+    # nnU-Net copies dataset.json into the model folder: the search reads the patch geometry from there
     _dataset_json(folder, {"0": "CT", "1": "noNorm"}, {"background": 0, "vertebra": 1},
                   sum(len(v) for v in groups.values()),
                   f"Vertebra by vertebra (stage 2): CT + memory of the vertebrae above -> the next vertebra; "
-                  f"{patch_mm} mm patches at {spacing} mm")
+                  f"{patch_mm} mm patches at {spacing} mm", spine_stage2={"spacing": spacing, "patch_mm": patch_mm})
     return groups
+
+
+def write_one_shot_dataset(cases: Sequence[SpineCase], folder: Path, spacing: float = 1.0) -> dict[int, int]:
+    """The baseline: one multi-label nnU-Net on whole CTs at `spacing` mm, one class per vertebra label present
+    (nnU-Net wants consecutive classes; dataset.json's `verse_labels` maps them back). Returns class -> label."""
+    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (folder / "labelsTr").mkdir(exist_ok=True)
+    resampled = []
+    for case in cases:
+        ct, mask = read_case(case)
+        resampled.append((case, resample_isotropic(ct, spacing, False), resample_isotropic(mask, spacing, True)))
+    present = sorted({int(v) for _, _, mask in resampled for v in np.unique(sitk.GetArrayViewFromImage(mask)) if v})
+    to_class = {label: index for index, label in enumerate(present, 1)}
+    lookup = np.zeros(max(present) + 1, np.uint8)
+    for label, index in to_class.items():
+        lookup[label] = index
+    for case, ct, mask in resampled:
+        sitk.WriteImage(sitk.Cast(ct, sitk.sitkInt16), str(folder / "imagesTr" / f"{case.name}_0000.nii.gz"))
+        _write(lookup[sitk.GetArrayViewFromImage(mask)], mask, folder / "labelsTr" / f"{case.name}.nii.gz")
+    _dataset_json(folder, {"0": "CT"}, {"background": 0, **{f"vertebra_{label}": index
+                                                             for label, index in to_class.items()}},
+                  len(cases), f"One-shot multi-label vertebrae (the baseline) at {spacing} mm",
+                  verse_labels={str(index): label for label, index in to_class.items()})
+    return {index: label for label, index in to_class.items()}
 
 
 def grouped_splits(groups: dict[str, list[str]], folds: int = 5, seed: int = 12345) -> list[dict[str, list[str]]]:

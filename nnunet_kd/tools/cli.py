@@ -549,6 +549,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--disable_progress_bar", action="store_true")
     p.set_defaults(func=predict_onnx_command)
 
+    from nnunet_kd.spine.commands import add_parsers as add_spine_parsers
+
+    add_spine_parsers(sub)
+
     args = parser.parse_args(argv)
     try:
         args.func(args)

@@ -1,0 +1,147 @@
+"""`nnunet_kd spine ...`: generate, convert, predict and evaluate (see README, "Individual vertebrae")."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_kd.errors import KDConfigurationError
+
+DATASET_NAMES = ("SpineLocation", "SpineVertebrae", "SpineOneShot")
+
+
+def _nnunet_folder(variable: str) -> Path:
+    value = os.environ.get(variable)
+    if not value:
+        raise KDConfigurationError(f"{variable} is not set; export it as for any nnU-Net command.")
+    return Path(value)
+
+
+def generate_command(args: argparse.Namespace) -> None:
+    from nnunet_kd.spine.synthetic import SpineSpec, write_spine_dataset
+
+    names = write_spine_dataset(Path(args.output), args.cases, SpineSpec(seed=args.seed))
+    print(f"wrote {len(names)} generated spine CTs with vertebra masks and centroids to {args.output}")
+
+
+def convert_command(args: argparse.Namespace) -> None:
+    from nnunet_kd.spine.derive import (
+        write_grouped_splits,
+        write_one_shot_dataset,
+        write_stage1_dataset,
+        write_stage2_dataset,
+    )
+    from nnunet_kd.spine.verse import find_cases
+
+    raw, preprocessed = _nnunet_folder("nnUNet_raw"), _nnunet_folder("nnUNet_preprocessed")
+    cases = find_cases(args.input)
+    names = [f"Dataset{args.id + i:03d}_{name}" for i, name in enumerate(DATASET_NAMES)]
+    taken = [n for n in names if any(raw.glob(f"Dataset{n[7:10]}_*")) and not (raw / n).is_dir()]
+    if taken:
+        raise KDConfigurationError(f"Dataset ids of {taken} are used by other datasets in {raw}; choose another --id.")
+    write_stage1_dataset(cases, raw / names[0], args.stage1_spacing)
+    groups = write_stage2_dataset(cases, raw / names[1], args.stage2_spacing, args.patch_mm, args.jitter_mm,
+                                  args.empty_memory, args.seed)
+    splits = write_grouped_splits(preprocessed / names[1], groups, args.folds)
+    write_one_shot_dataset(cases, raw / names[2], args.stage2_spacing)
+    patches = sum(len(v) for v in groups.values())
+    print(f"{len(cases)} scans -> {raw / names[0]} (spine at {args.stage1_spacing} mm), {raw / names[1]} ({patches} "
+          f"patches of {args.patch_mm} mm at {args.stage2_spacing} mm; folds by scan: {splits}), {raw / names[2]} "
+          f"(the one-shot baseline)")
+    print("next: nnUNetv2_plan_and_preprocess -d " + " ".join(str(args.id + i) for i in range(3)) +
+          " -c 3d_fullres; nnUNetv2_train <id> 3d_fullres FOLD for each; then nnunet_kd spine predict")
+
+
+def predict_command(args: argparse.Namespace) -> None:
+    import SimpleITK as sitk
+
+    from nnunet_kd.spine.pipeline import NnUNetStages, segment_vertebrae
+
+    inputs = sorted(Path(args.input).glob("*.nii.gz")) if Path(args.input).is_dir() else [Path(args.input)]
+    if not inputs:
+        raise KDConfigurationError(f"No .nii.gz CT in {args.input}.")
+    stages = NnUNetStages(args.stage1, args.stage2, args.folds1, args.folds2, args.device,
+                          mirroring=not args.disable_tta)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    for path in inputs:
+        name = path.name.removesuffix(".nii.gz").removesuffix("_ct").removesuffix("_0000")
+        print(f"{name}:", flush=True)
+        result = segment_vertebrae(sitk.ReadImage(str(path)), stages.locate, stages.segment, stages.settings,
+                                   progress=lambda message: print(f"  {message}", flush=True))
+        sitk.WriteImage(result.instances, str(output / f"{name}.nii.gz"))
+        (output / f"{name}_centroids.json").write_text(json.dumps(result.centroids, indent=1))
+
+
+def evaluate_command(args: argparse.Namespace) -> None:
+    import SimpleITK as sitk
+
+    from nnunet_kd.spine.evaluate import score_vertebrae
+    from nnunet_kd.spine.verse import find_cases, read_case
+
+    rows = []
+    for case in find_cases(args.reference):
+        prediction_path = Path(args.predictions) / f"{case.name}.nii.gz"
+        if not prediction_path.is_file():
+            raise KDConfigurationError(f"No prediction {prediction_path} for reference case {case.name}.")
+        _, reference = read_case(case)
+        prediction = sitk.ReadImage(str(prediction_path))
+        prediction = sitk.Resample(prediction, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+        scores = score_vertebrae(sitk.GetArrayFromImage(reference), sitk.GetArrayFromImage(prediction),
+                                 tuple(reversed(reference.GetSpacing())))
+        rows.append({"case": case.name, **scores})
+    keys = ("reference_count", "detected", "missed", "split", "merged", "spurious")
+    print(f"{'case':<24}{'Dice':>7}{'HD95 mm':>9}" + "".join(f"{k:>16}" for k in keys))
+    for row in rows:
+        print(f"{row['case']:<24}{row['mean_dice']:>7.3f}{row['mean_hd95_mm_detected']:>9.2f}"
+              + "".join(f"{row[k]:>16}" for k in keys))
+    summary = {"mean_dice": float(np.mean([r["mean_dice"] for r in rows])),
+               "detection_rate": sum(r["detected"] for r in rows) / max(1, sum(r["reference_count"] for r in rows)),
+               **{k: int(sum(r[k] for r in rows)) for k in keys[2:]}}
+    print(f"all: mean Dice {summary['mean_dice']:.3f}, detection rate {summary['detection_rate']:.3f}, " +
+          ", ".join(f"{k} {summary[k]}" for k in keys[2:]))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"summary": summary, "cases": rows}, indent=1))
+
+
+def add_parsers(sub) -> None:
+    spine = sub.add_parser("spine", help="individual vertebrae: the two-stage pipeline of Serrador et al. 2024 on "
+                                         "ordinary nnU-Net models").add_subparsers(dest="spine_command", required=True)
+    p = spine.add_parser("generate", help="write generated spine CTs in the VerSe layout (tests, demo)")
+    p.add_argument("output")
+    p.add_argument("-n", "--cases", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=generate_command)
+
+    p = spine.add_parser("convert", help="VerSe-style scans -> the stage-1, stage-2 and one-shot nnU-Net datasets")
+    p.add_argument("input", help="folder with *_ct.nii.gz and *_seg-vert_msk.nii.gz (any VerSe layout)")
+    p.add_argument("--id", type=int, required=True, help="first dataset id; id, id+1, id+2 are written")
+    p.add_argument("--stage1-spacing", type=float, default=4.0, help="mm (default: %(default)s)")
+    p.add_argument("--stage2-spacing", type=float, default=1.0, help="mm (default: %(default)s)")
+    p.add_argument("--patch-mm", type=float, default=96.0, help="stage-2 patch edge (default: %(default)s)")
+    p.add_argument("--jitter-mm", type=float, default=8.0, help="random shift of patch centres (default: %(default)s)")
+    p.add_argument("--empty-memory", type=float, default=0.25,
+                   help="share of vertebrae that also get a patch with an empty memory (default: %(default)s)")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=convert_command)
+
+    p = spine.add_parser("predict", help="CTs -> vertebrae numbered from the top (label map + centroids JSON)")
+    p.add_argument("-i", "--input", required=True, help="a CT file or a folder of .nii.gz CTs")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--stage1", required=True, help="trained stage-1 model folder")
+    p.add_argument("--stage2", required=True, help="trained stage-2 model folder (e.g. a KD student)")
+    p.add_argument("-f1", "--folds1", nargs="+", type=int, default=[0])
+    p.add_argument("-f2", "--folds2", nargs="+", type=int, default=[0])
+    p.add_argument("-device", "--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--disable_tta", action="store_true")
+    p.set_defaults(func=predict_command)
+
+    p = spine.add_parser("evaluate", help="per-vertebra Dice, HD95, detected / missed / split / merged")
+    p.add_argument("predictions", help="folder of <case>.nii.gz label maps (spine predict, or a baseline's)")
+    p.add_argument("reference", help="the VerSe-style folder with the reference masks")
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=evaluate_command)
