@@ -38,6 +38,9 @@ def convert_command(args: argparse.Namespace) -> None:
 
     raw, preprocessed = _nnunet_folder("nnUNet_raw"), _nnunet_folder("nnUNet_preprocessed")
     cases = find_cases(args.input)
+    if not 2 <= args.folds <= len(cases):
+        raise KDConfigurationError(f"--folds {args.folds} with {len(cases)} scans: every fold needs scans to train and "
+                                   f"to validate on; use 2 to {len(cases)} folds (nnU-Net's default is 5).")
     names = [f"Dataset{args.id + i:03d}_{name}" for i, name in enumerate(DATASET_NAMES)]
     taken = [n for n in names if any(raw.glob(f"Dataset{n[7:10]}_*")) and not (raw / n).is_dir()]
     if taken:
