@@ -98,3 +98,13 @@ def test_the_search_follows_the_image_direction_not_the_array_order():
     result = segment_vertebrae(image, locate, segment, SearchSettings(spacing=2.0))
     assert np.array_equal(sitk.GetArrayFromImage(result.instances)[::-1], sitk.GetArrayFromImage(upright.instances))
     assert len(result.centroids) == len(upright.centroids) >= 4
+
+
+def test_a_network_that_answers_everything_cannot_crash_or_stall_the_search():
+    _, mask, _ = generate_spine_case(np.random.default_rng(6), SpineSpec())
+    settings = SearchSettings(spacing=2.0, patch_mm=96.0)
+    result = segment_vertebrae(_encoded_ct(mask, 2.0), lambda ct, s: ct > 0,
+                               lambda ct_patch, memory, s: np.ones(ct_patch.shape, bool), settings)
+    found = sitk.GetArrayFromImage(result.instances)
+    tops = [np.nonzero((found == c["label"]).any(axis=(1, 2)))[0].max() for c in result.centroids]
+    assert tops == sorted(tops, reverse=True) and len(tops) < settings.max_vertebrae

@@ -109,13 +109,16 @@ def segment_vertebrae(ct: sitk.Image, locate: Locate, segment: Segment,
         found = segment(_crop(image, centre, [patch] * 3, AIR_HU),
                         _crop(memory.astype(np.uint8), centre, [patch] * 3, 0),
                         (settings.spacing,) * 3).astype(bool)
-        new = _largest_component(found & ~_crop(memory, centre, [patch] * 3, False))
+        # only voxels of the image that no vertebra holds yet (the patch may reach beyond the image)
+        free = _crop(~memory, centre, [patch] * 3, False)
+        new = _largest_component(found & free)
         if new.sum() < min_voxels:
             say(f"stage 2 found no further vertebra below vertebra {number - 1}")
             break
         _paste(instances, new, centre, number)
         extent = np.nonzero((instances == number).any(axis=tuple(a for a in range(3) if a != axis)))[0]
-        start = (extent.min() - 1) if sign > 0 else (extent.max() + 1)
+        # the search only moves down, even if the network returned something above where it looked
+        start = min(start - 1, extent.min() - 1) if sign > 0 else max(start + 1, extent.max() + 1)
         say(f"vertebra {number}: {new.sum() * settings.spacing ** 3 / 1000:.1f} ml")
     return _result(instances, grid, ct, log)
 

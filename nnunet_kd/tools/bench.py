@@ -123,24 +123,22 @@ def bench_step(dataset: str, configuration: str, plans: str, trainers: Sequence[
     # nnU-Net creates each trainer's output folder and log file under nnUNet_results: a scratch folder keeps the
     # user's results untouched
     with tempfile.TemporaryDirectory() as scratch, _environment(nnUNet_results=scratch):
+        def prepared(name: str, stored: bool):
+            with _environment(**{ENV_TEACHER_TARGETS: teacher_targets if stored else ""}):
+                trainer = get_trainer_from_args(dataset, configuration, fold, name, plans, device=torch_device)
+                trainer.initialize()
+                if isinstance(trainer, nnUNetTrainerKD):
+                    trainer.prepare_distillation(teacher=None if stored else teacher_spec)
+            if hasattr(trainer, "grow_to"):
+                trainer.grow_to(len(trainer.schedule) - 1)  # a growing assistant costs most at its widest
+            trainer.network.train()
+            return trainer
+
         instances = {}
         for name in trainers:
-            stored_variant = [False]
-            trainer = get_trainer_from_args(dataset, configuration, fold, name, plans, device=torch_device)
-            if teacher_targets is not None and isinstance(trainer, nnUNetTrainerKD):
-                stored_variant.append(True)
-            for stored in stored_variant:
-                with _environment(**{ENV_TEACHER_TARGETS: teacher_targets if stored else ""}):
-                    if stored:
-                        trainer = get_trainer_from_args(dataset, configuration, fold, name, plans,
-                                                        device=torch_device)
-                    trainer.initialize()
-                    if isinstance(trainer, nnUNetTrainerKD):
-                        trainer.prepare_distillation(teacher=None if stored else teacher_spec)
-                if hasattr(trainer, "grow_to"):
-                    trainer.grow_to(len(trainer.schedule) - 1)  # a growing assistant costs most at its widest
-                trainer.network.train()
-                instances[name + (STORED if stored else "")] = trainer
+            instances[name] = prepared(name, stored=False)
+            if teacher_targets is not None and isinstance(instances[name], nnUNetTrainerKD):
+                instances[name + STORED] = prepared(name, stored=True)
         teacher = next((t.teacher for t in instances.values() if isinstance(t, nnUNetTrainerKD)
                         and t.teacher is not None), None)
         if teacher is None:
