@@ -38,7 +38,7 @@ def convert_command(args: argparse.Namespace) -> None:
 
     raw, preprocessed = _nnunet_folder("nnUNet_raw"), _nnunet_folder("nnUNet_preprocessed")
     cases = find_cases(args.input)
-    if not 2 <= args.folds <= len(cases):
+    if len(cases) > 1 and not 2 <= args.folds <= len(cases):
         raise KDConfigurationError(f"--folds {args.folds} with {len(cases)} scans: every fold needs scans to train and "
                                    f"to validate on; use 2 to {len(cases)} folds (nnU-Net's default is 5).")
     names = [f"Dataset{args.id + i:03d}_{name}" for i, name in enumerate(DATASET_NAMES)]
@@ -48,7 +48,9 @@ def convert_command(args: argparse.Namespace) -> None:
     write_stage1_dataset(cases, raw / names[0], args.stage1_spacing)
     groups = write_stage2_dataset(cases, raw / names[1], args.stage2_spacing, args.patch_mm, args.jitter_mm,
                                   args.empty_memory, args.seed)
-    splits = write_grouped_splits(preprocessed / names[1], groups, args.folds)
+    # one scan cannot be split: its patches train with fold `all`
+    splits = write_grouped_splits(preprocessed / names[1], groups, args.folds) if len(cases) > 1 else \
+        "one scan, no folds: train with fold all"
     write_one_shot_dataset(cases, raw / names[2], args.stage2_spacing)
     patches = sum(len(v) for v in groups.values())
     print(f"{len(cases)} scans -> {raw / names[0]} (spine at {args.stage1_spacing} mm), {raw / names[1]} ({patches} "
