@@ -118,6 +118,14 @@ def test_resume_refuses_a_missing_teacher_checkpoint(bt_workspace, interrupted, 
         shutil.move(tmp_path / "teacher.pth", teacher_file)
 
 
+def test_stored_teacher_targets_are_refused_before_training(bt_workspace, monkeypatch):
+    # the jointly trained teacher must run: stored outputs of some other teacher cannot replace it
+    trainer = _trainer(bt_workspace, monkeypatch, {**CHANNELS, "nnUNet_KD_teacher_targets": "any"})
+    with pytest.raises(KDConfigurationError, match="cannot learn from stored teacher targets"):
+        trainer.on_train_start()
+    assert trainer.dataloader_train is None
+
+
 def test_resumed_run_continues_exactly(bt_workspace, interrupted, resumed):
     result, new_logs = resumed
     assert "Resuming with the settings this training started with" in result.stdout
