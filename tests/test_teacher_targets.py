@@ -11,6 +11,7 @@ import torch
 from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from conftest import DATASET_ID, STUDENT_PLANS, edit_json
 
+from nnunet_kd.cpu_inference import use_onednn_convolutions
 from nnunet_kd.errors import KDConfigurationError
 from nnunet_kd.teacher_targets import (
     MANIFEST,
@@ -108,6 +109,7 @@ def test_stored_targets_round_trip_to_the_teachers_prediction(workspace, teacher
     monkeypatch.setenv("nnUNet_extTrainer", workspace.env["nnUNet_extTrainer"])
     predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(teacher_3d), (0,), "checkpoint_final.pth")
+    use_onednn_convolutions(predictor.network)  # as the writer runs the teacher on the CPU: the same arithmetic
     data = blosc2.open(str(workspace.preprocessed / "nnUNetPlans_3d_fullres" / "case_000.b2nd"))[:]
     expected = torch.log_softmax(predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)), 0)
     stored = torch.from_numpy(blosc2.open(str(targets_3d / "case_000.b2nd"))[:])
