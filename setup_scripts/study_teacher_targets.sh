@@ -4,7 +4,8 @@
 # included), and train stored-target KDLogits on the study's seeds, to compare with online KDLogits seed by seed.
 #
 # Usage: bash setup_scripts/study_teacher_targets.sh [WORKDIR]   (the WORKDIR study_hippocampus.sh used)
-# Environment: SEEDS ["0 1 2"], EPOCHS [40] x ITERATIONS [50], TTA [0]: 1 stores the teacher with mirroring.
+# Environment: SEEDS ["0 1 2"], EPOCHS [40] x ITERATIONS [50], TTA [0]: 1 stores the teacher with mirroring,
+# TRAINERS ["nnUNetTrainerStudent nnUNetTrainerKDLogits"]: the baseline first, then any output-space KD trainers.
 # Without mirroring (the default) the stored teacher is the online teacher's own function, so the comparison isolates
 # storing the outputs (clean image, no intensity augmentation, patch padding masked) from a better teacher.
 set -euo pipefail
@@ -12,6 +13,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 [ -z "${VIRTUAL_ENV:-}" ] && [ -x "$repo/.venv/bin/nnunet_kd" ] && export PATH="$repo/.venv/bin:$PATH"
 work=$(cd "${1:-study_hippocampus}" && pwd)
 seeds=${SEEDS:-0 1 2} epochs=${EPOCHS:-40} iterations=${ITERATIONS:-50}
+trainers=${TRAINERS:-nnUNetTrainerStudent nnUNetTrainerKDLogits}
 export nnUNet_raw=$work/raw nnUNet_preprocessed=$work/preprocessed nnUNet_results=$work/results
 export nnUNet_extTrainer=${nnUNet_extTrainer:-$repo/trainers} nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-2}
 dataset=Dataset004_Hippocampus teacher=nnUNetTrainer_40x50__nnUNetPlans_bs32__2d students=nnUNetPlans_bs32_KDStudent_w0.25
@@ -41,6 +43,6 @@ for seed in $seeds; do
   fi
 done
 # shellcheck disable=SC2086
-nnunet_kd study 4 -c 2d -p $students --teacher $teacher --trainers nnUNetTrainerStudent nnUNetTrainerKDLogits \
+nnunet_kd study 4 -c 2d -p $students --teacher $teacher --trainers $trainers \
   --seeds $seeds --epochs "$epochs" --iterations "$iterations" --val-iterations 10 --device cpu \
   --teacher-targets "$name" -o "$study"
