@@ -21,6 +21,7 @@ from nnunet_kd.plans import (
     make_student_plans,
     scale_architecture,
     student_plans_name,
+    with_batch_size,
     write_plans,
 )
 
@@ -301,3 +302,22 @@ def test_write_plans_refuses_to_replace_different_file_without_force(tmp_path, p
     assert json.loads(path.read_text()) == first
     assert write_plans(second, tmp_path, force=True) == (path, True)
     assert json.loads(path.read_text()) == second
+
+
+# ---------------------------------------------------------------- with_batch_size
+
+def test_with_batch_size_changes_only_the_batch_of_the_named_configurations(plans) -> None:
+    variant = with_batch_size(plans, ["3d_fullres"], 5)
+    assert variant["plans_name"] == "nnUNetPlans_bs5"
+    assert variant["configurations"]["3d_fullres"]["batch_size"] == 5
+    assert variant["configurations"]["2d"] == plans["configurations"]["2d"]
+    rest = {k: v for k, v in variant["configurations"]["3d_fullres"].items() if k != "batch_size"}
+    assert rest == {k: v for k, v in plans["configurations"]["3d_fullres"].items() if k != "batch_size"}
+    assert plans["configurations"]["3d_fullres"]["batch_size"] != 5  # the input is left alone
+
+
+def test_with_batch_size_refuses_an_unknown_configuration_and_an_empty_batch(plans) -> None:
+    with pytest.raises(KDConfigurationError, match="not in plans"):
+        with_batch_size(plans, ["3d_cascade_fullres_x"], 2)
+    with pytest.raises(KDConfigurationError, match="at least one"):
+        with_batch_size(plans, ["3d_fullres"], 0)

@@ -60,12 +60,21 @@ def convert_command(args: argparse.Namespace) -> None:
           " -c 3d_fullres; nnUNetv2_train <id> 3d_fullres FOLD for each; then nnunet_kd spine predict")
 
 
+def _input_cts(path: Path) -> list[Path]:
+    """A CT file, or a folder's CTs: in a VerSe-style folder only the `*_ct.nii.gz` files, never the masks."""
+    if not path.is_dir():
+        return [path]
+    from nnunet_kd.spine.verse import CT_SUFFIX
+
+    return sorted(path.rglob(f"*{CT_SUFFIX}")) or sorted(path.glob("*.nii.gz"))
+
+
 def predict_command(args: argparse.Namespace) -> None:
     import SimpleITK as sitk
 
     from nnunet_kd.spine.pipeline import NnUNetStages, segment_vertebrae
 
-    inputs = sorted(Path(args.input).glob("*.nii.gz")) if Path(args.input).is_dir() else [Path(args.input)]
+    inputs = _input_cts(Path(args.input))
     if not inputs:
         raise KDConfigurationError(f"No .nii.gz CT in {args.input}.")
     stages = NnUNetStages(args.stage1, args.stage2, args.folds1, args.folds2, args.device,
@@ -81,35 +90,80 @@ def predict_command(args: argparse.Namespace) -> None:
         (output / f"{name}_centroids.json").write_text(json.dumps(result.centroids, indent=1))
 
 
-def evaluate_command(args: argparse.Namespace) -> None:
+def score_folder(predictions: str | Path, reference: str | Path) -> tuple[list[dict], dict]:
+    """Per-case scores of a folder of `<case>.nii.gz` label maps against a VerSe-style folder, and their summary."""
     import SimpleITK as sitk
 
     from nnunet_kd.spine.evaluate import score_vertebrae
     from nnunet_kd.spine.verse import find_cases, read_case
 
     rows = []
-    for case in find_cases(args.reference):
-        prediction_path = Path(args.predictions) / f"{case.name}.nii.gz"
+    for case in find_cases(reference):
+        prediction_path = Path(predictions) / f"{case.name}.nii.gz"
         if not prediction_path.is_file():
             raise KDConfigurationError(f"No prediction {prediction_path} for reference case {case.name}.")
-        _, reference = read_case(case)
-        prediction = sitk.ReadImage(str(prediction_path))
-        prediction = sitk.Resample(prediction, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-        scores = score_vertebrae(sitk.GetArrayFromImage(reference), sitk.GetArrayFromImage(prediction),
-                                 tuple(reversed(reference.GetSpacing())))
+        _, mask = read_case(case)
+        prediction = sitk.Resample(sitk.ReadImage(str(prediction_path)), mask, sitk.Transform(),
+                                   sitk.sitkNearestNeighbor, 0)
+        scores = score_vertebrae(sitk.GetArrayFromImage(mask), sitk.GetArrayFromImage(prediction),
+                                 tuple(reversed(mask.GetSpacing())))
         rows.append({"case": case.name, **scores})
-    keys = ("reference_count", "detected", "missed", "split", "merged", "spurious")
+    detected_hd95 = [v["hd95_mm"] for r in rows for v in r["vertebrae"] if v["detected"]]
+    summary = {"scans": len(rows), "mean_dice": float(np.mean([r["mean_dice"] for r in rows])),
+               "mean_hd95_mm_detected": float(np.mean(detected_hd95)) if detected_hd95 else float("nan"),
+               "reference_count": int(sum(r["reference_count"] for r in rows)),
+               "detected": int(sum(r["detected"] for r in rows)),
+               **{k: int(sum(r[k] for r in rows)) for k in COUNTS}}
+    summary["detection_rate"] = summary["detected"] / max(1, summary["reference_count"])
+    return rows, summary
+
+
+COUNTS = ("missed", "split", "merged", "spurious")
+
+
+def evaluate_command(args: argparse.Namespace) -> None:
+    rows, summary = score_folder(args.predictions, args.reference)
+    keys = ("reference_count", "detected", *COUNTS)
     print(f"{'case':<24}{'Dice':>7}{'HD95 mm':>9}" + "".join(f"{k:>16}" for k in keys))
     for row in rows:
         print(f"{row['case']:<24}{row['mean_dice']:>7.3f}{row['mean_hd95_mm_detected']:>9.2f}"
               + "".join(f"{row[k]:>16}" for k in keys))
-    summary = {"mean_dice": float(np.mean([r["mean_dice"] for r in rows])),
-               "detection_rate": sum(r["detected"] for r in rows) / max(1, sum(r["reference_count"] for r in rows)),
-               **{k: int(sum(r[k] for r in rows)) for k in keys[2:]}}
     print(f"all: mean Dice {summary['mean_dice']:.3f}, detection rate {summary['detection_rate']:.3f}, " +
-          ", ".join(f"{k} {summary[k]}" for k in keys[2:]))
+          ", ".join(f"{k} {summary[k]}" for k in COUNTS))
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "cases": rows}, indent=1))
+
+
+def _name_value(text: str, what: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise KDConfigurationError(f"{what} {text!r}: write NAME=VALUE, e.g. 'KD student=predictions/kd'.")
+    return name, value
+
+
+def table_command(args: argparse.Namespace) -> None:
+    seconds = dict(_name_value(text, "--seconds") for text in args.seconds)
+    runs = [_name_value(text, "run") for text in args.runs]
+    unknown = sorted(set(seconds) - {name for name, _ in runs})
+    if unknown:
+        raise KDConfigurationError(f"--seconds names {unknown}, which are not among the runs {[n for n, _ in runs]}.")
+    lines = ["| model | scans | mean Dice | HD95 mm (detected) | detected | missed | split | merged | spurious |"
+             + (" s / scan |" if seconds else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if seconds else "")]
+    summaries = {}
+    for name, folder in runs:
+        _, summary = score_folder(folder, args.reference)
+        summaries[name] = summary
+        line = (f"| {name} | {summary['scans']} | {summary['mean_dice']:.3f} | "
+                f"{summary['mean_hd95_mm_detected']:.1f} | "
+                f"{summary['detected']} / {summary['reference_count']} ({summary['detection_rate']:.0%}) | "
+                + " | ".join(str(summary[k]) for k in COUNTS) + " |")
+        if seconds:
+            line += f" {float(seconds[name]) / summary['scans']:.1f} |" if name in seconds else " - |"
+        lines.append(line)
+    print("\n".join(lines))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"summaries": summaries, "seconds": seconds}, indent=1))
 
 
 def add_parsers(sub) -> None:
@@ -150,3 +204,11 @@ def add_parsers(sub) -> None:
     p.add_argument("reference", help="the VerSe-style folder with the reference masks")
     p.add_argument("--json", default=None)
     p.set_defaults(func=evaluate_command)
+
+    p = spine.add_parser("table", help="several prediction folders scored against one reference, as a Markdown table")
+    p.add_argument("reference", help="the VerSe-style folder with the reference masks")
+    p.add_argument("runs", nargs="+", metavar="NAME=FOLDER", help="e.g. teacher=pred/teacher 'KD student=pred/kd'")
+    p.add_argument("--seconds", nargs="*", default=[], metavar="NAME=SECONDS",
+                   help="wall seconds each run's prediction took over all scans (a column s / scan)")
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=table_command)

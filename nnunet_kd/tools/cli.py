@@ -63,6 +63,26 @@ def student_plans_command(args: argparse.Namespace) -> None:
           f"-tr nnUNetTrainerKDLogits -p {student['plans_name']}")
 
 
+def batch_plans_command(args: argparse.Namespace) -> None:
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_kd.plans import with_batch_size, write_plans
+
+    folder = _dataset_folder(args.dataset)
+    plans_file = folder / f"{args.plans}.json"
+    if not plans_file.is_file():
+        raise KDConfigurationError(f"{plans_file} not found. Plan the dataset first, or pass -p with one of "
+                                   f"{sorted(p.stem for p in folder.glob('*Plans*.json'))}.")
+    plans = json.loads(plans_file.read_text())
+    variant = with_batch_size(plans, args.configurations, args.batch_size, args.name)
+    path, written = write_plans(variant, folder, args.force)
+    print(f"{'wrote' if written else 'unchanged (identical file exists)'}: {path}")
+    for configuration in args.configurations:
+        print(f"  {configuration}: batch {PlansManager(plans).get_configuration(configuration).batch_size} -> "
+              f"{args.batch_size}")
+    print(f"train with: nnUNetv2_train {args.dataset} {args.configurations[0]} FOLD -p {variant['plans_name']}")
+
+
 def _raw_folder(raw: str | None) -> str:
     raw = raw or os.environ.get("nnUNet_raw")
     if not raw:
@@ -357,6 +377,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="plans identifier (default: <plans>_KDStudent[_<arch>]_w<width>[_s][_c])")
     p.add_argument("--force", action="store_true", help="replace an existing, different plans file of that name")
     p.set_defaults(func=student_plans_command)
+
+    p = sub.add_parser("batch-plans", help="a plans variant with another batch size (e.g. for a CPU), same "
+                                           "preprocessed data")
+    p.add_argument("dataset", help="dataset name or id, as for nnUNetv2_train")
+    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("-c", "--configurations", nargs="+", default=["3d_fullres"],
+                   help="configurations to change (default: 3d_fullres)")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier to start from (default: nnUNetPlans)")
+    p.add_argument("--name", default=None, help="plans identifier (default: <plans>_bs<batch size>)")
+    p.add_argument("--force", action="store_true", help="replace an existing, different plans file of that name")
+    p.set_defaults(func=batch_plans_command)
 
     p = sub.add_parser("generate-dataset", help="write the generated demo dataset in nnU-Net raw format")
     p.add_argument("--raw", default=None, help="raw data folder (default: $nnUNet_raw)")

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Issue #13's table: the two-stage vertebra pipeline with a stage-2 teacher, the same small student alone and
+# distilled (nnUNetTrainerKDLogits, same initial weights), against the one-shot multi-label nnU-Net, on generated
+# spines: trained on TRAIN_SCANS scans (fold 0), scored on TEST_SCANS other generated scans none of them saw.
+# Every model is trained by the stock `nnUNetv2_train`; re-running continues where it stopped.
+#
+# Usage: bash setup_scripts/benchmark_spine.sh [WORKDIR]
+# Environment: TRAIN_SCANS [30], TEST_SCANS [10], SCHEDULE [20x50] (the named schedule of every model, e.g. debug,
+# 40x50, 100epochs), STAGE2_SPACING [3] mm (stage 2 and the one-shot baseline; the scans are 2 mm), BATCH [2] (every
+# model's batch; nnU-Net plans 13 for stage 2, for a GPU; empty keeps nnU-Net's), WIDTH [0.25] (the student),
+# DEVICE [cpu], TTA [0] (1 predicts with mirroring).
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+[ -z "${VIRTUAL_ENV:-}" ] && [ -x "$repo/.venv/bin/nnunet_kd" ] && export PATH="$repo/.venv/bin:$PATH"
+work=$(mkdir -p "${1:-spine_benchmark}" && cd "${1:-spine_benchmark}" && pwd)
+train_scans=${TRAIN_SCANS:-30} test_scans=${TEST_SCANS:-10} schedule=${SCHEDULE:-20x50} width=${WIDTH:-0.25}
+device=${DEVICE:-cpu} stage2_spacing=${STAGE2_SPACING:-3} batch=${BATCH-2}
+tta=(--disable_tta)
+[ "${TTA:-0}" = 1 ] && tta=()
+export nnUNet_raw=$work/raw nnUNet_preprocessed=$work/preprocessed nnUNet_results=$work/results
+export nnUNet_extTrainer=${nnUNet_extTrainer:-$repo/trainers} nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-2}
+export nnUNet_def_n_proc=${nnUNet_def_n_proc:-$(nproc)}
+mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results" "$work/logs"
+step() { echo "[$(date +%H:%M:%S)] $*"; }
+stage1=Dataset521_SpineLocation stage2=Dataset522_SpineVertebrae one_shot=Dataset523_SpineOneShot
+plans=nnUNetPlans${batch:+_bs$batch}
+students=${plans}_KDStudent_w$width
+
+if [ ! -d "$work/scans_test" ]; then
+  step "generating $train_scans training and $test_scans test spines"
+  nnunet_kd spine generate "$work/scans_train" -n "$train_scans" --seed 0
+  nnunet_kd spine generate "$work/scans_test" -n "$test_scans" --seed 1000
+fi
+if [ ! -f "$nnUNet_preprocessed/$one_shot/nnUNetPlans.json" ]; then
+  step "converting (stage 2 at $stage2_spacing mm) and planning"
+  rm -rf "$nnUNet_raw"/Dataset52[123]_*
+  nnunet_kd spine convert "$work/scans_train" --id 521 --stage2-spacing "$stage2_spacing"
+  nnUNetv2_plan_and_preprocess -d 521 522 523 -c 3d_fullres -np 2 > "$work/logs/plan_and_preprocess.log"
+fi
+if [ -n "$batch" ]; then
+  for id in 521 522 523; do nnunet_kd batch-plans $id --batch-size "$batch" > /dev/null; done
+fi
+[ -f "$nnUNet_preprocessed/$stage2/$students.json" ] || nnunet_kd student-plans 522 -c 3d_fullres -p "$plans" --width "$width"
+
+# train DATASET TRAINER PLANS [VAR=VALUE ...]: fold 0, skipped when finished, continued (--c) when interrupted
+train() {
+  local dataset=$1 trainer=$2 plans=$3 name=${1%%_*}
+  shift 3
+  local folder=$nnUNet_results/$dataset/${trainer}__${plans}__3d_fullres/fold_0 resume=()
+  if [ -f "$folder/checkpoint_final.pth" ]; then step "$dataset $trainer: trained"; return; fi
+  [ -f "$folder/checkpoint_latest.pth" ] && resume=(--c)
+  step "training $dataset $trainer ($plans) (log: $work/logs/${name}_$trainer.log)"
+  env "$@" nnUNetv2_train "${name#Dataset}" 3d_fullres 0 -tr "$trainer" -p "$plans" -device "$device" "${resume[@]}" \
+    > "$work/logs/${name}_$trainer.log" 2>&1
+}
+teacher=nnUNetTrainer_$schedule
+train $stage1 "$teacher" "$plans"
+train $stage2 "$teacher" "$plans"
+train $stage2 "nnUNetTrainerStudent_$schedule" "$students" nnUNet_KD_seed=0
+train $stage2 "nnUNetTrainerKDLogits_$schedule" "$students" nnUNet_KD_seed=0 \
+  nnUNet_KD_teacher="${teacher}__${plans}__3d_fullres"
+train $one_shot "$teacher" "$plans"
+
+# predictions of the held-out scans, each command timed as a whole (model loading included)
+model() { echo "$nnUNet_results/$1/$2__$3__3d_fullres"; }
+declare -A stage2_models=(
+  ["stage-2 teacher"]=$(model $stage2 "$teacher" "$plans")
+  ["stage-2 student alone"]=$(model $stage2 "nnUNetTrainerStudent_$schedule" "$students")
+  ["stage-2 KD student"]=$(model $stage2 "nnUNetTrainerKDLogits_$schedule" "$students")
+)
+runs=() seconds=()
+for run in "stage-2 teacher" "stage-2 student alone" "stage-2 KD student"; do
+  out=$work/predicted/${run// /_}
+  step "spine predict, $run"
+  start=$SECONDS
+  nnunet_kd spine predict -i "$work/scans_test" -o "$out" --stage1 "$(model $stage1 "$teacher" "$plans")" \
+    --stage2 "${stage2_models[$run]}" -device "$device" "${tta[@]}" > "$work/logs/predict_${run// /_}.log"
+  runs+=("two-stage, $run=$out") seconds+=("two-stage, $run=$((SECONDS - start))")
+done
+step "one-shot baseline: stock nnUNetv2_predict"
+mkdir -p "$work/one_shot_input"
+for ct in "$work"/scans_test/*_ct.nii.gz; do
+  ln -sf "$ct" "$work/one_shot_input/$(basename "$ct" _ct.nii.gz)_0000.nii.gz"
+done
+start=$SECONDS
+nnUNetv2_predict -i "$work/one_shot_input" -o "$work/predicted/one_shot" -d 523 -c 3d_fullres -f 0 -tr "$teacher" -p "$plans" \
+  -device "$device" "${tta[@]}" -npp 1 -nps 1 > "$work/logs/predict_one_shot.log" 2>&1
+runs+=("one-shot multi-label nnU-Net=$work/predicted/one_shot")
+seconds+=("one-shot multi-label nnU-Net=$((SECONDS - start))")
+
+step "scores on the $test_scans held-out scans"
+nnunet_kd spine table "$work/scans_test" "${runs[@]}" --seconds "${seconds[@]}" --json "$work/spine_table.json" \
+  | tee "$work/spine_table.md"
+nnunet_kd report 522 | tee "$work/stage2_models.md"
