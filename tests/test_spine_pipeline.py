@@ -4,6 +4,9 @@ The stand-ins read the truth from a "CT" whose intensities carry the labels (lab
 logic (placing patches along the located spine, the memory, numbering, stopping) is what is tested; the nnU-Net
 models behind the same interface are trained and run in tests/test_spine_end_to_end.py.
 """
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -11,8 +14,9 @@ import SimpleITK as sitk
 from nnunet_kd.spine.derive import target_vertebra
 from nnunet_kd.spine.evaluate import score_vertebrae
 from nnunet_kd.spine.pipeline import SearchSettings, segment_vertebrae
-from nnunet_kd.spine.synthetic import SpineSpec, generate_spine_case
+from nnunet_kd.spine.synthetic import SpineSpec, generate_spine_case, write_spine_dataset
 from nnunet_kd.spine.verse import vertebrae_top_down
+from nnunet_kd.tools.cli import main
 
 
 def _encoded_ct(mask: np.ndarray, spacing: float, flip_axis: int | None = None) -> sitk.Image:
@@ -108,3 +112,46 @@ def test_a_network_that_answers_everything_cannot_crash_or_stall_the_search():
     found = sitk.GetArrayFromImage(result.instances)
     tops = [np.nonzero((found == c["label"]).any(axis=(1, 2)))[0].max() for c in result.centroids]
     assert tops == sorted(tops, reverse=True) and len(tops) < settings.max_vertebrae
+
+
+def _relabelled_predictions(verse: Path, folder: Path, merge_first_two: bool) -> None:
+    """Each reference mask as a prediction with its own numbering (1, 2, ... from the top); optionally the two top
+    vertebrae as one."""
+    folder.mkdir()
+    for mask_path in sorted(verse.glob("*_seg-vert_msk.nii.gz")):
+        mask = sitk.ReadImage(str(mask_path))
+        array = sitk.GetArrayFromImage(mask)
+        order = vertebrae_top_down(array, 0, 1)
+        renumbered = np.zeros_like(array)
+        for number, label in enumerate(order, start=1):
+            renumbered[array == label] = 1 if merge_first_two and number == 2 else number
+        prediction = sitk.GetImageFromArray(renumbered)
+        prediction.CopyInformation(mask)
+        sitk.WriteImage(prediction, str(folder / mask_path.name.replace("_seg-vert_msk", "")))
+
+
+def test_the_table_scores_each_run_against_the_reference(tmp_path, capsys):
+    verse = tmp_path / "verse"
+    write_spine_dataset(verse, 2, SpineSpec(seed=4))
+    _relabelled_predictions(verse, tmp_path / "exact", merge_first_two=False)
+    _relabelled_predictions(verse, tmp_path / "merged", merge_first_two=True)
+    total = sum(len(vertebrae_top_down(sitk.GetArrayFromImage(sitk.ReadImage(str(m))), 0, 1))
+                for m in verse.glob("*_seg-vert_msk.nii.gz"))
+    assert main(["spine", "table", str(verse), f"exact={tmp_path / 'exact'}", f"merged={tmp_path / 'merged'}",
+                 "--seconds", "exact=10", "--json", str(tmp_path / "table.json")]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["exact"][2:9] == ["1.000", "0.0", f"{total} / {total} (100%)", "0", "0", "0", "0"]
+    assert rows["exact"][9].strip(" |") == "5.0"  # 10 s over 2 scans
+    # the two top vertebrae of each scan become one prediction, which each of them matches with Dice < 1
+    assert rows["merged"][7] == "2" and rows["merged"][9].strip(" |") == "-"
+    summaries = json.loads((tmp_path / "table.json").read_text())["summaries"]
+    assert summaries["merged"]["merged"] == 2 and summaries["merged"]["mean_dice"] < 1
+
+
+def test_the_table_refuses_a_run_without_a_name_and_seconds_of_no_run(tmp_path, capsys):
+    verse = tmp_path / "verse"
+    write_spine_dataset(verse, 1, SpineSpec(seed=4))
+    assert main(["spine", "table", str(verse), str(tmp_path)]) == 2
+    assert "write NAME=VALUE" in capsys.readouterr().err
+    assert main(["spine", "table", str(verse), f"a={tmp_path}", "--seconds", "b=3"]) == 2
+    assert "not among the runs" in capsys.readouterr().err
