@@ -51,6 +51,7 @@ def test_one_command_from_cts_to_numbered_vertebrae_with_a_kd_student(spine):
                                               "nnUNetPlans_KDStudent_w0.25")),
                        "--disable_tta")
     assert "stage 1" in result.stdout
+    assert not list(out.glob("*msk*"))  # a VerSe folder's masks are not taken for CTs
     for ct in sorted((spine.root / "verse").glob("*_ct.nii.gz")):
         name = ct.name.removesuffix("_ct.nii.gz")
         predicted, reference = sitk.ReadImage(str(out / f"{name}.nii.gz")), sitk.ReadImage(str(ct))
