@@ -8,7 +8,8 @@
 # Environment: TRAIN_SCANS [30], TEST_SCANS [10], SCHEDULE [20x50] (the named schedule of every model, e.g. debug,
 # 40x50, 100epochs), STAGE2_SPACING [3] mm (stage 2 and the one-shot baseline; the scans are 2 mm), BATCH [2] (every
 # model's batch; nnU-Net plans 13 for stage 2, for a GPU; empty keeps nnU-Net's), WIDTH [0.25] (the student),
-# DEVICE [cpu], TTA [0] (1 predicts with mirroring).
+# DEVICE [cpu], TTA [0] (1 predicts with mirroring), REAL [] (a VerSe-style folder of real scans: the same two-stage
+# models predict and are scored on it too, e.g. the TPTBox crop that setup_scripts/spine_smoke_tptbox.sh lays out).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 [ -z "${VIRTUAL_ENV:-}" ] && [ -x "$repo/.venv/bin/nnunet_kd" ] && export PATH="$repo/.venv/bin:$PATH"
@@ -92,3 +93,15 @@ step "scores on the $test_scans held-out scans"
 nnunet_kd spine table "$work/scans_test" "${runs[@]}" --seconds "${seconds[@]}" --json "$work/spine_table.json" \
   | tee "$work/spine_table.md"
 nnunet_kd report 522 | tee "$work/stage2_models.md"
+
+if [ -n "${REAL:-}" ]; then
+  step "the same models on the real scans in $REAL"
+  real_runs=()
+  for run in "stage-2 teacher" "stage-2 student alone" "stage-2 KD student"; do
+    out=$work/predicted_real/${run// /_}
+    nnunet_kd spine predict -i "$REAL" -o "$out" --stage1 "$(model $stage1 "$teacher" "$plans")" \
+      --stage2 "${stage2_models[$run]}" -device "$device" "${tta[@]}" > "$work/logs/predict_real_${run// /_}.log"
+    real_runs+=("two-stage, $run=$out")
+  done
+  nnunet_kd spine table "$REAL" "${real_runs[@]}" --json "$work/spine_table_real.json" | tee "$work/spine_table_real.md"
+fi
