@@ -321,3 +321,18 @@ def test_with_batch_size_refuses_an_unknown_configuration_and_an_empty_batch(pla
         with_batch_size(plans, ["3d_cascade_fullres_x"], 2)
     with pytest.raises(KDConfigurationError, match="at least one"):
         with_batch_size(plans, ["3d_fullres"], 0)
+
+
+def test_batch_plans_command_writes_the_variant_next_to_the_plans(tmp_path, monkeypatch, plans, capsys) -> None:
+    from nnunet_kd.tools.cli import main
+
+    folder = tmp_path / "Dataset042_Liver"
+    folder.mkdir()
+    (folder / "nnUNetPlans.json").write_text(json.dumps(plans))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
+    assert main(["batch-plans", "Dataset042_Liver", "--batch-size", "5"]) == 0
+    variant = json.loads((folder / "nnUNetPlans_bs5.json").read_text())
+    assert variant == with_batch_size(plans, ["3d_fullres"], 5)
+    assert "3d_fullres: batch 2 -> 5" in capsys.readouterr().out
+    assert main(["batch-plans", "Dataset042_Liver", "--batch-size", "5", "-p", "nnUNetPlans_other"]) == 2
+    assert "nnUNetPlans_other.json not found" in capsys.readouterr().err

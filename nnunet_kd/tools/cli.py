@@ -35,15 +35,20 @@ def _dataset_folder(dataset: str) -> Path:
     return folder
 
 
+def _read_plans(dataset: str, plans_name: str) -> tuple[Path, dict]:
+    """The preprocessed dataset folder and the plans `plans_name` in it."""
+    folder = _dataset_folder(dataset)
+    plans_file = folder / f"{plans_name}.json"
+    if not plans_file.is_file():
+        raise KDConfigurationError(f"{plans_file} not found. Plan the dataset with these plans first, or pass -p with "
+                                   f"one of {sorted(p.stem for p in folder.glob('*Plans*.json'))}.")
+    return folder, json.loads(plans_file.read_text())
+
+
 def student_plans_command(args: argparse.Namespace) -> None:
     from nnunet_kd.plans import count_parameters, make_student_plans, write_plans
 
-    folder = _dataset_folder(args.dataset)
-    teacher_plans_file = folder / f"{args.plans}.json"
-    if not teacher_plans_file.is_file():
-        raise KDConfigurationError(f"{teacher_plans_file} not found. Plan the dataset with these plans first, or pass "
-                                   f"-p with one of {sorted(p.stem for p in folder.glob('*Plans*.json'))}.")
-    teacher_plans = json.loads(teacher_plans_file.read_text())
+    folder, teacher_plans = _read_plans(args.dataset, args.plans)
     dataset_json = json.loads((folder / "dataset.json").read_text())
     if args.width is None:
         if args.arch is None and args.stages is None and args.convs is None:
@@ -68,12 +73,7 @@ def batch_plans_command(args: argparse.Namespace) -> None:
 
     from nnunet_kd.plans import with_batch_size, write_plans
 
-    folder = _dataset_folder(args.dataset)
-    plans_file = folder / f"{args.plans}.json"
-    if not plans_file.is_file():
-        raise KDConfigurationError(f"{plans_file} not found. Plan the dataset first, or pass -p with one of "
-                                   f"{sorted(p.stem for p in folder.glob('*Plans*.json'))}.")
-    plans = json.loads(plans_file.read_text())
+    folder, plans = _read_plans(args.dataset, args.plans)
     variant = with_batch_size(plans, args.configurations, args.batch_size, args.name)
     path, written = write_plans(variant, folder, args.force)
     print(f"{'wrote' if written else 'unchanged (identical file exists)'}: {path}")
