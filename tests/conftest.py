@@ -53,6 +53,20 @@ class Workspace:
                         f"--- stderr\n{proc.stderr[-6000:]}")
         return proc
 
+    def trainer_in_process(self, monkeypatch, trainer: str, plans: str, env: dict | None = None, fold: int = 0,
+                           results: Path | None = None):
+        """The nnU-Net trainer `nnUNetv2_train` would build (on the CPU), in this process, with the workspace's
+        nnU-Net variables and `env` set through `monkeypatch`; `results` replaces nnUNet_results."""
+        import torch
+        from nnunetv2.run.run_training import get_trainer_from_args
+
+        for key, value in {**self.env, **(env or {})}.items():
+            if key.startswith("nnUNet"):
+                monkeypatch.setenv(key, value)
+        if results is not None:
+            monkeypatch.setenv("nnUNet_results", str(results))
+        return get_trainer_from_args(str(DATASET_ID), "3d_fullres", fold, trainer, plans, device=torch.device("cpu"))
+
     def train(self, trainer: str, fold: int | str, plans: str = "nnUNetPlans", configuration: str = "3d_fullres",
               env: dict | None = None, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
         return self.run("nnUNetv2_train", str(DATASET_ID), configuration, str(fold), "-tr", trainer, "-p", plans,

@@ -49,12 +49,7 @@ def _model(ws: Workspace) -> Path:
 
 
 def _trainer(ws: Workspace, monkeypatch, env: dict):
-    from nnunetv2.run.run_training import get_trainer_from_args
-
-    for key, value in {**ws.env, **env}.items():
-        if key.startswith("nnUNet"):
-            monkeypatch.setenv(key, value)
-    return get_trainer_from_args(str(DATASET_ID), "3d_fullres", 0, TRAINER, "nnUNetPlans", device=torch.device("cpu"))
+    return ws.trainer_in_process(monkeypatch, TRAINER, "nnUNetPlans", env)
 
 
 @pytest.fixture(scope="module")

@@ -207,13 +207,7 @@ MISMATCHES = {
 
 
 def _kd_trainer(workspace, monkeypatch, env: dict, fold: int = 4):
-    from nnunetv2.run.run_training import get_trainer_from_args
-
-    for key, value in {**workspace.env, **env}.items():
-        if key.startswith("nnUNet"):
-            monkeypatch.setenv(key, value)
-    return get_trainer_from_args(str(DATASET_ID), "3d_fullres", fold, "nnUNetTrainerKDLogits_debug", STUDENT_PLANS,
-                                 device=torch.device("cpu"))
+    return workspace.trainer_in_process(monkeypatch, "nnUNetTrainerKDLogits_debug", STUDENT_PLANS, env, fold)
 
 
 def _snapshot(folder):

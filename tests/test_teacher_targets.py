@@ -137,15 +137,7 @@ def test_rerun_continues_and_other_settings_are_refused(workspace, targets_3d, t
 
 def _trainer(workspace, monkeypatch, env: dict, fold: int = 0, trainer: str = "nnUNetTrainerKDLogits_debug",
              results=None):
-    from nnunetv2.run.run_training import get_trainer_from_args
-
-    for key, value in {**workspace.env, **env}.items():
-        if key.startswith("nnUNet"):
-            monkeypatch.setenv(key, value)
-    if results is not None:
-        monkeypatch.setenv("nnUNet_results", str(results))
-    return get_trainer_from_args(str(DATASET_ID), "3d_fullres", fold, trainer, STUDENT_PLANS,
-                                 device=torch.device("cpu"))
+    return workspace.trainer_in_process(monkeypatch, trainer, STUDENT_PLANS, env, fold, results)
 
 
 def test_targets_follow_the_spatial_augmentation_in_lock_step(workspace, targets_3d, tmp_path, monkeypatch):
@@ -183,14 +175,24 @@ def test_targets_follow_the_spatial_augmentation_in_lock_step(workspace, targets
     assert border > 0, "no padding seen: the loader's patches reach beyond these small images"
 
 
-@pytest.mark.parametrize("trainer", ["nnUNetTrainerKDLogits_debug", "nnUNetTrainerKDMultiScale_debug",
-                                     "nnUNetTrainerKDGrowingAssistant_debug"])
-def test_kd_trainers_train_from_stored_targets_without_a_teacher(workspace, targets_3d, tmp_path, trainer):
-    results = tmp_path / "results"
+def _train_from_targets(workspace, targets_3d, results, trainer: str) -> Path:
+    """Train `trainer` from the stored targets into `results`, with a teacher setting that names no folder (so no
+    teacher network could be loaded); its fold_0."""
     workspace.train(trainer, 0, STUDENT_PLANS, env={"nnUNet_KD_teacher_targets": targets_3d.name,
                                                     "nnUNet_KD_teacher": "a_folder_that_does_not_exist",
                                                     "nnUNet_results": str(results)})
-    fold = results / workspace.preprocessed.name / f"{trainer}__{STUDENT_PLANS}__3d_fullres" / "fold_0"
+    return results / workspace.preprocessed.name / f"{trainer}__{STUDENT_PLANS}__3d_fullres" / "fold_0"
+
+
+@pytest.fixture(scope="module")
+def kd_from_targets(workspace, targets_3d, tmp_path_factory) -> Path:
+    """nnUNet_results holding nnUNetTrainerKDLogits_debug trained from the stored targets (fold 0)."""
+    results = tmp_path_factory.mktemp("kd_from_targets") / "results"
+    _train_from_targets(workspace, targets_3d, results, "nnUNetTrainerKDLogits_debug")
+    return results
+
+
+def _assert_trained_without_a_teacher(fold: Path, targets_3d) -> None:
     record = json.loads((fold / "kd_settings.json").read_text())
     assert "teacher" not in record
     assert record["teacher_targets"]["folder"] == str(targets_3d.resolve())
@@ -199,15 +201,23 @@ def test_kd_trainers_train_from_stored_targets_without_a_teacher(workspace, targ
     assert (fold / "checkpoint_final.pth").is_file() and (fold / "validation" / "summary.json").is_file()
 
 
-def test_stock_predict_of_a_student_trained_from_stored_targets(workspace, targets_3d, tmp_path):
-    results = tmp_path / "results"
-    env = {"nnUNet_results": str(results)}
-    workspace.train("nnUNetTrainerKDLogits_debug", 0, STUDENT_PLANS,
-                    env={**env, "nnUNet_KD_teacher_targets": targets_3d.name})
+def test_kd_logits_trains_from_stored_targets_without_a_teacher(workspace, targets_3d, kd_from_targets):
+    _assert_trained_without_a_teacher(
+        kd_from_targets / workspace.preprocessed.name / f"nnUNetTrainerKDLogits_debug__{STUDENT_PLANS}__3d_fullres"
+        / "fold_0", targets_3d)
+
+
+@pytest.mark.parametrize("trainer", ["nnUNetTrainerKDMultiScale_debug", "nnUNetTrainerKDGrowingAssistant_debug"])
+def test_other_kd_trainers_train_from_stored_targets_without_a_teacher(workspace, targets_3d, tmp_path, trainer):
+    _assert_trained_without_a_teacher(_train_from_targets(workspace, targets_3d, tmp_path / "results", trainer),
+                                      targets_3d)
+
+
+def test_stock_predict_of_a_student_trained_from_stored_targets(workspace, kd_from_targets, tmp_path):
     out = tmp_path / "predictions"
     workspace.run("nnUNetv2_predict", "-i", str(workspace.raw / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID),
                   "-c", "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerKDLogits_debug", "-p", STUDENT_PLANS,
-                  "-device", "cpu", "-npp", "1", "-nps", "1", env=env)
+                  "-device", "cpu", "-npp", "1", "-nps", "1", env={"nnUNet_results": str(kd_from_targets)})
     assert len(list(out.glob("*.nii.gz"))) == len(list((workspace.raw / "imagesTs").glob("*_0000.nii.gz")))
 
 
@@ -267,10 +277,9 @@ def test_unusable_targets_are_refused_before_any_step(workspace, targets_3d, tmp
     assert not any(p.suffix == ".pth" or p.name == "kd_settings.json" for p in written.rglob("*"))
 
 
-def test_resume_refuses_other_targets(workspace, targets_3d, tmp_path, monkeypatch):
+def test_resume_refuses_other_targets(workspace, targets_3d, kd_from_targets, tmp_path, monkeypatch):
     results = tmp_path / "results"
-    workspace.train("nnUNetTrainerKDLogits_debug", 0, STUDENT_PLANS,
-                    env={"nnUNet_results": str(results), "nnUNet_KD_teacher_targets": targets_3d.name})
+    shutil.copytree(kd_from_targets, results)  # edited below
     fold = results / workspace.preprocessed.name / f"nnUNetTrainerKDLogits_debug__{STUDENT_PLANS}__3d_fullres" / \
         "fold_0"
     other = tmp_path / "other"
