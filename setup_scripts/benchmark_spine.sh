@@ -62,7 +62,8 @@ train $stage2 "nnUNetTrainerKDLogits_$schedule" "$students" nnUNet_KD_seed=0 \
   nnUNet_KD_teacher="${teacher}__${plans}__3d_fullres"
 train $one_shot "$teacher" "$plans"
 
-# predictions of the held-out scans, each command timed as a whole (model loading included)
+# predictions of the held-out scans, each command timed as a whole (model loading included); a folder that holds
+# its wall_seconds is finished and kept
 model() { echo "$nnUNet_results/$1/$2__$3__3d_fullres"; }
 declare -A stage2_models=(
   ["stage-2 teacher"]=$(model $stage2 "$teacher" "$plans")
@@ -70,24 +71,30 @@ declare -A stage2_models=(
   ["stage-2 KD student"]=$(model $stage2 "nnUNetTrainerKDLogits_$schedule" "$students")
 )
 runs=() seconds=()
+# timed NAME OUTPUT_FOLDER COMMAND...: run the prediction command unless finished; add the run to the table
+timed() {
+  local name=$1 out=$2 log=$work/logs/$(basename "$(dirname "$2")")_$(basename "$2").log
+  shift 2
+  if [ ! -f "$out/wall_seconds" ]; then
+    step "predicting: $name (log: $log)"
+    local start=$SECONDS
+    "$@" > "$log" 2>&1
+    echo $((SECONDS - start)) > "$out/wall_seconds"
+  fi
+  runs+=("$name=$out") seconds+=("$name=$(cat "$out/wall_seconds")")
+}
 for run in "stage-2 teacher" "stage-2 student alone" "stage-2 KD student"; do
-  out=$work/predicted/${run// /_}
-  step "spine predict, $run"
-  start=$SECONDS
-  nnunet_kd spine predict -i "$work/scans_test" -o "$out" --stage1 "$(model $stage1 "$teacher" "$plans")" \
-    --stage2 "${stage2_models[$run]}" -device "$device" "${tta[@]}" > "$work/logs/predict_${run// /_}.log"
-  runs+=("two-stage, $run=$out") seconds+=("two-stage, $run=$((SECONDS - start))")
+  timed "two-stage, $run" "$work/predicted/${run// /_}" nnunet_kd spine predict -i "$work/scans_test" \
+    -o "$work/predicted/${run// /_}" --stage1 "$(model $stage1 "$teacher" "$plans")" --stage2 "${stage2_models[$run]}" \
+    -device "$device" "${tta[@]}"
 done
-step "one-shot baseline: stock nnUNetv2_predict"
 mkdir -p "$work/one_shot_input"
 for ct in "$work"/scans_test/*_ct.nii.gz; do
   ln -sf "$ct" "$work/one_shot_input/$(basename "$ct" _ct.nii.gz)_0000.nii.gz"
 done
-start=$SECONDS
-nnUNetv2_predict -i "$work/one_shot_input" -o "$work/predicted/one_shot" -d 523 -c 3d_fullres -f 0 -tr "$teacher" -p "$plans" \
-  -device "$device" "${tta[@]}" -npp 1 -nps 1 > "$work/logs/predict_one_shot.log" 2>&1
-runs+=("one-shot multi-label nnU-Net=$work/predicted/one_shot")
-seconds+=("one-shot multi-label nnU-Net=$((SECONDS - start))")
+timed "one-shot multi-label nnU-Net" "$work/predicted/one_shot" nnUNetv2_predict -i "$work/one_shot_input" \
+  -o "$work/predicted/one_shot" -d 523 -c 3d_fullres -f 0 -tr "$teacher" -p "$plans" -device "$device" "${tta[@]}" \
+  -npp 1 -nps 1
 
 step "scores on the $test_scans held-out scans"
 nnunet_kd spine table "$work/scans_test" "${runs[@]}" --seconds "${seconds[@]}" --json "$work/spine_table.json" \
@@ -96,12 +103,12 @@ nnunet_kd report 522 | tee "$work/stage2_models.md"
 
 if [ -n "${REAL:-}" ]; then
   step "the same models on the real scans in $REAL"
-  real_runs=()
+  runs=() seconds=()
   for run in "stage-2 teacher" "stage-2 student alone" "stage-2 KD student"; do
-    out=$work/predicted_real/${run// /_}
-    nnunet_kd spine predict -i "$REAL" -o "$out" --stage1 "$(model $stage1 "$teacher" "$plans")" \
-      --stage2 "${stage2_models[$run]}" -device "$device" "${tta[@]}" > "$work/logs/predict_real_${run// /_}.log"
-    real_runs+=("two-stage, $run=$out")
+    timed "two-stage, $run" "$work/predicted_real/${run// /_}" nnunet_kd spine predict -i "$REAL" \
+      -o "$work/predicted_real/${run// /_}" --stage1 "$(model $stage1 "$teacher" "$plans")" \
+      --stage2 "${stage2_models[$run]}" -device "$device" "${tta[@]}"
   done
-  nnunet_kd spine table "$REAL" "${real_runs[@]}" --json "$work/spine_table_real.json" | tee "$work/spine_table_real.md"
+  nnunet_kd spine table "$REAL" "${runs[@]}" --seconds "${seconds[@]}" --json "$work/spine_table_real.json" \
+    | tee "$work/spine_table_real.md"
 fi
