@@ -54,7 +54,7 @@ class Workspace:
         return proc
 
     def trainer_in_process(self, monkeypatch, trainer: str, plans: str, env: dict | None = None, fold: int = 0,
-                           results: Path | None = None):
+                           results: Path | None = None, dataset_id: int = DATASET_ID):
         """The nnU-Net trainer `nnUNetv2_train` would build (on the CPU), in this process, with the workspace's
         nnU-Net variables and `env` set through `monkeypatch`; `results` replaces nnUNet_results."""
         import torch
@@ -65,7 +65,7 @@ class Workspace:
                 monkeypatch.setenv(key, value)
         if results is not None:
             monkeypatch.setenv("nnUNet_results", str(results))
-        return get_trainer_from_args(str(DATASET_ID), "3d_fullres", fold, trainer, plans, device=torch.device("cpu"))
+        return get_trainer_from_args(str(dataset_id), "3d_fullres", fold, trainer, plans, device=torch.device("cpu"))
 
     def train(self, trainer: str, fold: int | str, plans: str = "nnUNetPlans", configuration: str = "3d_fullres",
               env: dict | None = None, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:

@@ -49,7 +49,7 @@ def _model(ws: Workspace) -> Path:
 
 
 def _trainer(ws: Workspace, monkeypatch, env: dict):
-    return ws.trainer_in_process(monkeypatch, TRAINER, "nnUNetPlans", env)
+    return ws.trainer_in_process(monkeypatch, TRAINER, "nnUNetPlans", env, dataset_id=DATASET_ID)
 
 
 @pytest.fixture(scope="module")
