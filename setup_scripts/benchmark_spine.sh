@@ -8,6 +8,7 @@
 # Environment: TRAIN_SCANS [30], TEST_SCANS [10], SCHEDULE [20x50] (the named schedule of every model, e.g. debug,
 # 40x50, 100epochs), STAGE2_SPACING [3] mm (stage 2 and the one-shot baseline; the scans are 2 mm), BATCH [2] (every
 # model's batch; nnU-Net plans 13 for stage 2, for a GPU; empty keeps nnU-Net's), WIDTH [0.25] (the student),
+# SEEDS [0] (one pair of stage-2 students, alone and distilled, per seed; seed N > 0 trains into seeds/seed_N/results),
 # DEVICE [cpu], TTA [0] (1 predicts with mirroring), REAL [] (a VerSe-style folder of real scans: the same two-stage
 # models predict and are scored on it too, e.g. the TPTBox crop that setup_scripts/spine_smoke_tptbox.sh lays out).
 set -euo pipefail
@@ -15,7 +16,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 [ -z "${VIRTUAL_ENV:-}" ] && [ -x "$repo/.venv/bin/nnunet_kd" ] && export PATH="$repo/.venv/bin:$PATH"
 work=$(mkdir -p "${1:-spine_benchmark}" && cd "${1:-spine_benchmark}" && pwd)
 train_scans=${TRAIN_SCANS:-30} test_scans=${TEST_SCANS:-10} schedule=${SCHEDULE:-20x50} width=${WIDTH:-0.25}
-device=${DEVICE:-cpu} stage2_spacing=${STAGE2_SPACING:-3} batch=${BATCH-2}
+device=${DEVICE:-cpu} stage2_spacing=${STAGE2_SPACING:-3} batch=${BATCH-2} seeds=${SEEDS:-0}
 tta=(--disable_tta)
 [ "${TTA:-0}" = 1 ] && tta=()
 export nnUNet_raw=$work/raw nnUNet_preprocessed=$work/preprocessed nnUNet_results=$work/results
@@ -43,33 +44,46 @@ if [ -n "$batch" ]; then
 fi
 [ -f "$nnUNet_preprocessed/$stage2/$students.json" ] || nnunet_kd student-plans 522 -c 3d_fullres -p "$plans" --width "$width"
 
-# train DATASET TRAINER PLANS [VAR=VALUE ...]: fold 0, skipped when finished, continued (--c) when interrupted
+# train RESULTS DATASET TRAINER PLANS [VAR=VALUE ...]: fold 0 into the nnUNet_results RESULTS, skipped when finished,
+# continued (--c) when interrupted
 train() {
-  local dataset=$1 trainer=$2 plans=$3 name=${1%%_*}
-  shift 3
-  local folder=$nnUNet_results/$dataset/${trainer}__${plans}__3d_fullres/fold_0 resume=()
-  if [ -f "$folder/checkpoint_final.pth" ]; then step "$dataset $trainer: trained"; return; fi
+  local results=$1 dataset=$2 trainer=$3 plans=$4 name=${2%%_*}
+  shift 4
+  local folder=$results/$dataset/${trainer}__${plans}__3d_fullres/fold_0 resume=()
+  local tag=""
+  [ "$results" = "$nnUNet_results" ] || tag=_$(basename "$(dirname "$results")")
+  local log=$work/logs/${name}_$trainer$tag.log
+  if [ -f "$folder/checkpoint_final.pth" ]; then step "$dataset $trainer in $results: trained"; return; fi
   [ -f "$folder/checkpoint_latest.pth" ] && resume=(--c)
-  step "training $dataset $trainer ($plans) (log: $work/logs/${name}_$trainer.log)"
-  env "$@" nnUNetv2_train "${name#Dataset}" 3d_fullres 0 -tr "$trainer" -p "$plans" -device "$device" "${resume[@]}" \
-    > "$work/logs/${name}_$trainer.log" 2>&1
+  step "training $dataset $trainer ($plans) into $results (log: $log)"
+  env nnUNet_results="$results" "$@" nnUNetv2_train "${name#Dataset}" 3d_fullres 0 -tr "$trainer" -p "$plans" \
+    -device "$device" "${resume[@]}" > "$log" 2>&1
 }
+model() { echo "${4:-$nnUNet_results}/$1/$2__$3__3d_fullres"; }
+# seed 0's students sit next to the teacher; each other seed's in a results folder of its own
+seed_results() { if [ "$1" = 0 ]; then echo "$nnUNet_results"; else echo "$work/seeds/seed_$1/results"; fi; }
 teacher=nnUNetTrainer_$schedule
-train $stage1 "$teacher" "$plans"
-train $stage2 "$teacher" "$plans"
-train $stage2 "nnUNetTrainerStudent_$schedule" "$students" nnUNet_KD_seed=0
-train $stage2 "nnUNetTrainerKDLogits_$schedule" "$students" nnUNet_KD_seed=0 \
-  nnUNet_KD_teacher="${teacher}__${plans}__3d_fullres"
-train $one_shot "$teacher" "$plans"
+train "$nnUNet_results" $stage1 "$teacher" "$plans"
+train "$nnUNet_results" $stage2 "$teacher" "$plans"
+for seed in $seeds; do
+  train "$(seed_results "$seed")" $stage2 "nnUNetTrainerStudent_$schedule" "$students" nnUNet_KD_seed="$seed"
+  train "$(seed_results "$seed")" $stage2 "nnUNetTrainerKDLogits_$schedule" "$students" nnUNet_KD_seed="$seed" \
+    nnUNet_KD_teacher="$(model $stage2 "$teacher" "$plans")"
+done
+train "$nnUNet_results" $one_shot "$teacher" "$plans"
 
 # predictions of the held-out scans, each command timed as a whole (model loading included); a folder that holds
 # its wall_seconds is finished and kept
-model() { echo "$nnUNet_results/$1/$2__$3__3d_fullres"; }
-declare -A stage2_models=(
-  ["stage-2 teacher"]=$(model $stage2 "$teacher" "$plans")
-  ["stage-2 student alone"]=$(model $stage2 "nnUNetTrainerStudent_$schedule" "$students")
-  ["stage-2 KD student"]=$(model $stage2 "nnUNetTrainerKDLogits_$schedule" "$students")
-)
+declare -A stage2_models=(["stage-2 teacher"]=$(model $stage2 "$teacher" "$plans"))
+stage2_runs=("stage-2 teacher")
+for seed in $seeds; do
+  suffix=$([ "$seed" = 0 ] || echo " seed $seed")
+  stage2_models["stage-2 student alone$suffix"]=$(model $stage2 "nnUNetTrainerStudent_$schedule" "$students" \
+    "$(seed_results "$seed")")
+  stage2_models["stage-2 KD student$suffix"]=$(model $stage2 "nnUNetTrainerKDLogits_$schedule" "$students" \
+    "$(seed_results "$seed")")
+  stage2_runs+=("stage-2 student alone$suffix" "stage-2 KD student$suffix")
+done
 runs=() seconds=()
 # timed NAME OUTPUT_FOLDER COMMAND...: run the prediction command unless finished; add the run to the table
 timed() {
@@ -83,7 +97,7 @@ timed() {
   fi
   runs+=("$name=$out") seconds+=("$name=$(cat "$out/wall_seconds")")
 }
-for run in "stage-2 teacher" "stage-2 student alone" "stage-2 KD student"; do
+for run in "${stage2_runs[@]}"; do
   timed "two-stage, $run" "$work/predicted/${run// /_}" nnunet_kd spine predict -i "$work/scans_test" \
     -o "$work/predicted/${run// /_}" --stage1 "$(model $stage1 "$teacher" "$plans")" --stage2 "${stage2_models[$run]}" \
     -device "$device" "${tta[@]}"
@@ -104,7 +118,7 @@ nnunet_kd report 522 | tee "$work/stage2_models.md"
 if [ -n "${REAL:-}" ]; then
   step "the same models on the real scans in $REAL"
   runs=() seconds=()
-  for run in "stage-2 teacher" "stage-2 student alone" "stage-2 KD student"; do
+  for run in "${stage2_runs[@]}"; do
     timed "two-stage, $run" "$work/predicted_real/${run// /_}" nnunet_kd spine predict -i "$REAL" \
       -o "$work/predicted_real/${run// /_}" --stage1 "$(model $stage1 "$teacher" "$plans")" \
       --stage2 "${stage2_models[$run]}" -device "$device" "${tta[@]}"
