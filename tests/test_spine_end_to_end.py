@@ -40,7 +40,7 @@ def test_stage2_folds_keep_each_scan_together(spine):
         scans_val = {name.split("_v")[0].split("_end")[0] for name in split["val"]}
         assert not scans_train & scans_val
     stage2_json = json.loads((_model(spine, STAGE2) / "dataset.json").read_text())
-    assert stage2_json["spine_stage2"] == {"spacing": 2.0, "patch_mm": 96.0}
+    assert stage2_json["spine_stage2"] == {"spacing": 2.0, "patch_mm": 96.0, "margin_mm": 8.0}
 
 
 def test_one_command_from_cts_to_numbered_vertebrae_with_a_kd_student(spine):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_kd.spine.derive import target_vertebra
+from nnunet_kd.spine.derive import PATCH_MARGIN_MM, stage2_patches, target_vertebra
 from nnunet_kd.spine.evaluate import score_vertebrae
 from nnunet_kd.spine.pipeline import SearchSettings, segment_vertebrae
 from nnunet_kd.spine.synthetic import SpineSpec, generate_spine_case, write_spine_dataset
@@ -59,6 +59,35 @@ def test_the_search_finds_every_vertebra_from_the_top_and_stops(seed):
     scores = score_vertebrae(mask, found, (2.0, 2.0, 2.0))
     assert scores["detection_rate"] == 1.0 and scores["mean_dice"] > 0.99
     assert scores["merged"] == scores["split"] == scores["missed"] == scores["spurious"] == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_search_shows_stage_2_the_next_vertebra_where_training_patches_hold_it(seed):
+    """A network learns where in the patch the vertebra to find lies: the search must place it there too (patches
+    centred on the vertebra made a trained stage 2 answer the one below it, and the search skip every other one)."""
+    spacing, patch_mm, jitter_mm = 2.0, 96.0, 8.0
+    patch, jitter = round(patch_mm / spacing), round(jitter_mm / spacing)
+    ct, mask, _ = generate_spine_case(np.random.default_rng(seed), SpineSpec())
+
+    def slices_below_patch_top(vertebra: np.ndarray) -> int:
+        return patch - 1 - int(np.nonzero(vertebra.any(axis=(1, 2)))[0].max())
+
+    trained = [slices_below_patch_top(label) for name, _, memory, label in
+               stage2_patches(ct, mask, 0, 1, [patch] * 3, np.random.default_rng(0), 0, 0.0,
+                              round(PATCH_MARGIN_MM / spacing)) if name.startswith("_v") and label.any()]
+    locate, exact, _ = _oracle(mask)
+    searched = []
+
+    def segment(ct_patch, memory_patch, spacing_zyx):
+        found = exact(ct_patch, memory_patch, spacing_zyx)
+        if found.any():
+            searched.append(slices_below_patch_top(found))
+        return found
+
+    segment_vertebrae(_encoded_ct(mask, spacing), locate, segment, SearchSettings(spacing=spacing, patch_mm=patch_mm))
+    assert len(searched) >= 3 and len(trained) >= 3
+    # training shifts patches by up to the jitter; the search's offsets differ from the unshifted ones by the disc
+    assert all(abs(offset - int(np.median(trained))) <= jitter for offset in searched), (searched, trained)
 
 
 def test_a_ct_without_a_spine_gives_no_vertebrae_and_says_so():

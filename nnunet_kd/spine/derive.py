@@ -5,8 +5,11 @@ Stage 2 (one vertebra at a time, after Lessmann et al. 2019 as used by Serrador 
 physical size around each vertebra with two channels, the CT and a *memory* of the vertebrae above it, labelled with
 one vertebra: the highest one in the patch that is not in memory and lies (almost) wholly inside it. Extra patches
 teach the rest of the scheme: the memory emptied (so the first vertebra is found), and a patch below the last
-vertebra with everything in memory (nothing left: the search stops). Patch centres are jittered, as inference
-places them from an estimate. The folds keep all patches of one scan together (`grouped_splits`).
+vertebra with everything in memory (nothing left: the search stops). Each patch is placed the way the search places
+it (nnunet_kd.spine.pipeline): its top `PATCH_MARGIN_MM` above the highest slice not yet explained, here the top of
+the vertebra to find, with a random shift of up to the jitter along every axis. Centred patches would teach the
+network "the vertebra in the middle", which is the one *below* the next one in the search's patches. The folds keep
+all patches of one scan together (`grouped_splits`).
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from nnunet_kd.spine.verse import SpineCase, read_case, superior_axis, vertebrae
 AIR_HU = -1024
 # a vertebra counts as inside a patch when this share of its voxels is
 WHOLLY_INSIDE = 0.9
+# the search puts a stage-2 patch's top this far above the highest slice of the spine not yet explained
+PATCH_MARGIN_MM = 8.0
 
 
 def resample_isotropic(image: sitk.Image, spacing: float, label: bool) -> sitk.Image:
@@ -83,14 +88,29 @@ def target_vertebra(mask_patch: np.ndarray, memory_patch: np.ndarray, order: Seq
     return None
 
 
+def patch_centre_below(start: float, axis: int, sign: int, patch: Sequence[int], margin: int) -> float:
+    """Where along `axis` the search centres a patch whose top lies `margin` voxels above slice `start`."""
+    return start - sign * (patch[axis] // 2 - margin)
+
+
 def stage2_patches(ct: np.ndarray, mask: np.ndarray, axis: int, sign: int, patch: Sequence[int],
-                   rng: np.random.Generator, jitter: int, empty_memory: float):
-    """(suffix, CT patch, memory patch, label patch) for every training patch of one scan (arrays (z, y, x))."""
+                   rng: np.random.Generator, jitter: int, empty_memory: float, margin: int = 4):
+    """(suffix, CT patch, memory patch, label patch) for every training patch of one scan (arrays (z, y, x)); patches
+    sit as the search puts them, `margin` voxels above the vertebra's top, shifted by up to `jitter` voxels."""
     order = vertebrae_top_down(mask, axis, sign)
     voxels = {label: int((mask == label).sum()) for label in order}
     centroids = {label: np.argwhere(mask == label).mean(axis=0) for label in order}
+    slices = {label: np.nonzero((mask == label).any(axis=tuple(a for a in range(3) if a != axis)))[0]
+              for label in order}
+    top = {label: (s.max() if sign > 0 else s.min()) for label, s in slices.items()}
+
+    def placed(start: float, in_plane: np.ndarray) -> np.ndarray:
+        centre = in_plane.astype(float).copy()
+        centre[axis] = patch_centre_below(start, axis, sign, patch, margin)
+        return np.round(centre + rng.integers(-jitter, jitter + 1, 3)).astype(int)
+
     for index, label in enumerate(order):
-        centre = np.round(centroids[label] + rng.integers(-jitter, jitter + 1, 3)).astype(int)
+        centre = placed(top[label], centroids[label])
         above = np.isin(mask, order[:index])
         variants = [("", above)]
         if index > 0 and rng.random() < empty_memory:
@@ -98,9 +118,10 @@ def stage2_patches(ct: np.ndarray, mask: np.ndarray, axis: int, sign: int, patch
         for suffix, memory in variants:
             yield (f"_v{label:02d}{suffix}", *_patch_arrays(ct, mask, memory, centre, patch, order, voxels))
     # below the last vertebra, everything in memory: there is nothing left to find
-    below = centroids[order[-1]].copy()
-    below[axis] -= sign * patch[axis] // 2
-    yield ("_end", *_patch_arrays(ct, mask, mask > 0, np.round(below).astype(int), patch, order, voxels))
+    last = slices[order[-1]]
+    below_last = (last.min() - 1) if sign > 0 else (last.max() + 1)
+    yield ("_end", *_patch_arrays(ct, mask, mask > 0, placed(below_last, centroids[order[-1]]), patch, order,
+                                  voxels))
 
 
 def _patch_arrays(ct, mask, memory, centre, patch, order, voxels):
@@ -134,7 +155,8 @@ def write_stage2_dataset(cases: Sequence[SpineCase], folder: Path, spacing: floa
         reference.SetSpacing((spacing,) * 3)
         reference.SetDirection(ct_image.GetDirection())
         for suffix, ct_patch, memory, label in stage2_patches(ct, mask, axis, sign, patch, rng,
-                                                              round(jitter_mm / spacing), empty_memory):
+                                                              round(jitter_mm / spacing), empty_memory,
+                                                              round(PATCH_MARGIN_MM / spacing)):
             name = case.name + suffix
             _write(ct_patch.astype(np.int16), reference, folder / "imagesTr" / f"{name}_0000.nii.gz")
             _write(memory, reference, folder / "imagesTr" / f"{name}_0001.nii.gz")
@@ -144,7 +166,8 @@ def write_stage2_dataset(cases: Sequence[SpineCase], folder: Path, spacing: floa
     _dataset_json(folder, {"0": "CT", "1": "noNorm"}, {"background": 0, "vertebra": 1},
                   sum(len(v) for v in groups.values()),
                   f"Vertebra by vertebra (stage 2): CT + memory of the vertebrae above -> the next vertebra; "
-                  f"{patch_mm} mm patches at {spacing} mm", spine_stage2={"spacing": spacing, "patch_mm": patch_mm})
+                  f"{patch_mm} mm patches at {spacing} mm",
+                  spine_stage2={"spacing": spacing, "patch_mm": patch_mm, "margin_mm": PATCH_MARGIN_MM})
     return groups
 
 

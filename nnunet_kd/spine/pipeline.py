@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunet_kd.errors import KDConfigurationError
-from nnunet_kd.spine.derive import AIR_HU, _crop, resample_isotropic
+from nnunet_kd.spine.derive import AIR_HU, PATCH_MARGIN_MM, _crop, patch_centre_below, resample_isotropic
 from nnunet_kd.spine.verse import superior_axis
 
 STAGE2_KEY = "spine_stage2"  # dataset.json entry with the patch geometry stage 2 was trained on
@@ -35,7 +35,7 @@ Segment = Callable[[np.ndarray, np.ndarray, tuple[float, float, float]], np.ndar
 class SearchSettings:
     spacing: float = 1.0  # stage 2's isotropic grid (mm)
     patch_mm: float = 96.0  # stage 2's patch edge (mm)
-    margin_mm: float = 8.0  # how far above the next vertebra's expected top the patch starts
+    margin_mm: float = PATCH_MARGIN_MM  # how far above the highest unexplained slice the patch starts
     min_volume_ml: float = 1.0  # smaller new components are noise, not a vertebra
     max_vertebrae: int = 30
 
@@ -93,7 +93,7 @@ def segment_vertebrae(ct: sitk.Image, locate: Locate, segment: Segment,
     min_voxels = settings.min_volume_ml * 1000 / settings.spacing ** 3
     start = top  # the highest slice not yet explained by a vertebra
     for number in range(1, settings.max_vertebrae + 1):
-        along = start - sign * (patch // 2 - margin)
+        along = patch_centre_below(start, axis, sign, [patch] * 3, margin)
         if sign * (along + sign * (patch // 2)) < sign * bottom:  # the whole patch lies below the spine
             say(f"the search passed the lower end of the located spine after {number - 1} vertebrae")
             break
@@ -153,7 +153,9 @@ class NnUNetStages:
                 f"'{STAGE2_KEY}' entry. Train stage 2 on the dataset `nnunet_kd spine convert` writes (CT + "
                 f"memory channel).")
         geometry = stage2_json[STAGE2_KEY]
-        self.settings = SearchSettings(spacing=float(geometry["spacing"]), patch_mm=float(geometry["patch_mm"]))
+        # the margin the patches were cut with (models converted before it was recorded used the default)
+        self.settings = SearchSettings(spacing=float(geometry["spacing"]), patch_mm=float(geometry["patch_mm"]),
+                                       margin_mm=float(geometry.get("margin_mm", PATCH_MARGIN_MM)))
         self.predictors = []
         for folder, folds in ((stage1, folds1), (stage2, folds2)):
             predictor = nnUNetPredictor(use_mirroring=mirroring, device=torch.device(device),
