@@ -110,3 +110,11 @@ def test_a_mask_on_another_grid_than_its_ct_is_refused(tmp_path):
     (tmp_path / f"{case.name}_seg-vert_msk.nii.gz").unlink()
     with pytest.raises(KDConfigurationError, match="have no vertebra mask"):
         find_cases(tmp_path)
+
+
+def test_a_patch_wholly_outside_the_image_is_padding():
+    from nnunet_kd.spine.derive import _crop
+
+    array = np.arange(24).reshape(2, 3, 4)
+    assert (_crop(array, [-10, 1, 2], [2, 3, 4], -1) == -1).all()
+    assert (_crop(array, [1, 1, 2], [2, 3, 4], -1) == array).all()

@@ -72,6 +72,8 @@ def _crop(array: np.ndarray, centre: Sequence[int], size: Sequence[int], fill) -
     out = np.full(size, fill, dtype=array.dtype)
     lo = [c - s // 2 for c, s in zip(centre, size)]
     source = tuple(slice(max(0, a), min(n, a + s)) for a, s, n in zip(lo, size, array.shape))
+    if any(part.stop <= part.start for part in source):  # wholly outside the image (e.g. below a cut last vertebra)
+        return out
     target = tuple(slice(src.start - a, src.stop - a) for src, a in zip(source, lo))
     out[target] = array[source]
     return out
