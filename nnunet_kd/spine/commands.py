@@ -90,6 +90,9 @@ def predict_command(args: argparse.Namespace) -> None:
         (output / f"{name}_centroids.json").write_text(json.dumps(result.centroids, indent=1))
 
 
+COUNTS = ("missed", "split", "merged", "spurious")  # per-vertebra failure counts, summed over scans
+
+
 def score_folder(predictions: str | Path, reference: str | Path) -> tuple[list[dict], dict]:
     """Per-case scores of a folder of `<case>.nii.gz` label maps against a VerSe-style folder, and their summary."""
     import SimpleITK as sitk
@@ -116,9 +119,6 @@ def score_folder(predictions: str | Path, reference: str | Path) -> tuple[list[d
                **{k: int(sum(r[k] for r in rows)) for k in COUNTS}}
     summary["detection_rate"] = summary["detected"] / max(1, summary["reference_count"])
     return rows, summary
-
-
-COUNTS = ("missed", "split", "merged", "spurious")
 
 
 def evaluate_command(args: argparse.Namespace) -> None:

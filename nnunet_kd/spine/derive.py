@@ -90,6 +90,11 @@ def target_vertebra(mask_patch: np.ndarray, memory_patch: np.ndarray, order: Seq
     return None
 
 
+def occupied_slices(mask: np.ndarray, axis: int) -> np.ndarray:
+    """Indices along `axis` of the slices where `mask` has a voxel."""
+    return np.nonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))[0]
+
+
 def patch_centre_below(start: float, axis: int, sign: int, patch: Sequence[int], margin: int) -> float:
     """Where along `axis` the search centres a patch whose top lies `margin` voxels above slice `start`."""
     return start - sign * (patch[axis] // 2 - margin)
@@ -102,8 +107,7 @@ def stage2_patches(ct: np.ndarray, mask: np.ndarray, axis: int, sign: int, patch
     order = vertebrae_top_down(mask, axis, sign)
     voxels = {label: int((mask == label).sum()) for label in order}
     centroids = {label: np.argwhere(mask == label).mean(axis=0) for label in order}
-    slices = {label: np.nonzero((mask == label).any(axis=tuple(a for a in range(3) if a != axis)))[0]
-              for label in order}
+    slices = {label: occupied_slices(mask == label, axis) for label in order}
     top = {label: (s.max() if sign > 0 else s.min()) for label, s in slices.items()}
 
     def placed(start: float, in_plane: np.ndarray) -> np.ndarray:

@@ -20,7 +20,14 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunet_kd.errors import KDConfigurationError
-from nnunet_kd.spine.derive import AIR_HU, PATCH_MARGIN_MM, _crop, patch_centre_below, resample_isotropic
+from nnunet_kd.spine.derive import (
+    AIR_HU,
+    PATCH_MARGIN_MM,
+    _crop,
+    occupied_slices,
+    patch_centre_below,
+    resample_isotropic,
+)
 from nnunet_kd.spine.verse import superior_axis
 
 STAGE2_KEY = "spine_stage2"  # dataset.json entry with the patch geometry stage 2 was trained on
@@ -86,7 +93,7 @@ def segment_vertebrae(ct: sitk.Image, locate: Locate, segment: Segment,
         say("stage 1 found no spine in this CT: no vertebrae")
         return _result(instances, grid, ct, log)
     say(f"stage 1: spine located ({spine.sum() * settings.spacing ** 3 / 1000:.0f} ml)")
-    spine_slices = np.nonzero(spine.any(axis=tuple(a for a in range(3) if a != axis)))[0]
+    spine_slices = occupied_slices(spine, axis)
     top, bottom = (spine_slices.max(), spine_slices.min()) if sign > 0 else (spine_slices.min(), spine_slices.max())
     patch = round(settings.patch_mm / settings.spacing)
     margin = round(settings.margin_mm / settings.spacing)
@@ -116,7 +123,7 @@ def segment_vertebrae(ct: sitk.Image, locate: Locate, segment: Segment,
             say(f"stage 2 found no further vertebra below vertebra {number - 1}")
             break
         _paste(instances, new, centre, number)
-        extent = np.nonzero((instances == number).any(axis=tuple(a for a in range(3) if a != axis)))[0]
+        extent = occupied_slices(instances == number, axis)
         # the search only moves down, even if the network returned something above where it looked
         start = min(start - 1, extent.min() - 1) if sign > 0 else max(start + 1, extent.max() + 1)
         say(f"vertebra {number}: {new.sum() * settings.spacing ** 3 / 1000:.1f} ml")
