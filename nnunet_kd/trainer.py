@@ -21,6 +21,7 @@ from nnunet_kd.errors import KDConfigurationError
 from nnunet_kd.losses import DeepSupervisionKD, kd_scale_weights
 from nnunet_kd.run_core import nnUNetTrainerKDRun
 from nnunet_kd.settings import ENV_TEACHER_TARGETS, SETTINGS_FILE, BaseKDSettings, KDSettings, RunEnvironment
+from nnunet_kd.targets_loader import TargetsDataset, split_batch, teacher_outputs_from_targets, with_stored_targets
 from nnunet_kd.teacher import (
     FrozenTeacher,
     TeacherSpec,
@@ -30,13 +31,7 @@ from nnunet_kd.teacher import (
     load_teacher,
     resolve_teacher_spec,
 )
-from nnunet_kd.teacher_targets import (
-    StoredTargets,
-    TargetsDataset,
-    split_batch,
-    teacher_outputs_from_targets,
-    with_stored_targets,
-)
+from nnunet_kd.teacher_targets import StoredTargets
 from nnunet_kd.training import batch_to_device
 
 

@@ -13,14 +13,8 @@ from conftest import DATASET_ID, STUDENT_PLANS, edit_json
 
 from nnunet_kd.cpu_inference import use_onednn_convolutions
 from nnunet_kd.errors import KDConfigurationError
-from nnunet_kd.teacher_targets import (
-    MANIFEST,
-    TARGETS_FOLDER,
-    _ChannelStack,
-    _save_case,
-    split_batch,
-    teacher_outputs_from_targets,
-)
+from nnunet_kd.targets_loader import _ChannelStack, split_batch, teacher_outputs_from_targets
+from nnunet_kd.teacher_targets import MANIFEST, TARGETS_FOLDER, _save_case
 
 
 # ---- pure pieces ----
