@@ -112,6 +112,20 @@ def subset_channels_command(args: argparse.Namespace) -> None:
     print(f"wrote {subset_raw_dataset(raw / source, raw / f'Dataset{args.dataset_id:03d}_{name}', args.channels)}")
 
 
+def holdout_command(args: argparse.Namespace) -> None:
+    from nnunet_kd.holdout import write_holdout_dataset
+
+    raw = Path(_raw_folder(args.raw))
+    source = dataset_name(args.dataset)
+    name = args.name or f"{source.split('_', 1)[1]}Holdout{args.test_cases}"
+    destination = raw / f"Dataset{args.dataset_id:03d}_{name}"
+    split = write_holdout_dataset(raw / source, destination, args.test_cases, args.seed)
+    print(f"wrote {destination}: {len(split['training'])} training cases (imagesTr), {len(split['test'])} held-out "
+          f"test cases (imagesTs, labelsTs)")
+    print(f"next: nnUNetv2_plan_and_preprocess -d {args.dataset_id}; test with nnunet_kd study ... "
+          f"--test-images {destination / 'imagesTs'} --test-labels {destination / 'labelsTs'}")
+
+
 def check_channels_command(args: argparse.Namespace) -> None:
     from nnunet_kd.modalities import select_channels, subset_preprocessing_difference
 
@@ -411,6 +425,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default=None, help="name of the new dataset (default: <source name>_<channels>)")
     p.add_argument("--raw", default=None, help="raw data folder (default: $nnUNet_raw)")
     p.set_defaults(func=subset_channels_command)
+
+    p = sub.add_parser("holdout", help="copy a raw dataset with N labelled cases moved to imagesTs/labelsTs: a test "
+                                       "set outside every cross-validation fold (e.g. for the 5-fold ensemble)")
+    p.add_argument("dataset", help="source dataset name or id in $nnUNet_raw")
+    p.add_argument("--test-cases", type=int, required=True, help="labelled cases to hold out")
+    p.add_argument("--dataset-id", type=int, required=True, help="id of the new dataset")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw (default: 0)")
+    p.add_argument("--name", default=None, help="name of the new dataset (default: <source name>Holdout<N>)")
+    p.add_argument("--raw", default=None, help="raw data folder (default: $nnUNet_raw)")
+    p.set_defaults(func=holdout_command)
 
     p = sub.add_parser("check-channels", help="does nnU-Net preprocess a channel subset as it does with all channels? "
                                               "(crop and normalisation seen by a fewer-modality student)")
