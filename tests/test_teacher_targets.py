@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
-from conftest import DATASET_ID, STUDENT_PLANS, edit_json
+from conftest import DATASET_ID, STUDENT_PLANS, copy_model_folder, edit_json
 
 from nnunet_kd.cpu_inference import use_onednn_convolutions
 from nnunet_kd.errors import KDConfigurationError
@@ -345,3 +345,38 @@ def test_study_runs_kd_trainers_from_stored_targets_and_compares_with_online_kd(
     assert "95 % CI" in table and row.count("|") == 10
     mismatch = workspace.run("nnunet_kd", "study-compare", str(online), str(tmp_path), check=False)
     assert mismatch.returncode == 2 and "not a study folder" in mismatch.stderr
+
+
+def test_study_tests_the_teacher_as_its_targets_store_it_an_ensemble_without_mirroring(workspace, teacher_3d,
+                                                                                         tmp_path):
+    workspace.run("nnunet_kd", "teacher-targets", str(DATASET_ID), "-c", "3d_fullres", "--teacher", TEACHER_NAME,
+                  "-f", "0", "1", "--disable_tta", "-device", "cpu")
+    study = tmp_path / "study"
+    workspace.run("nnunet_kd", "study", str(DATASET_ID), "-c", "3d_fullres", "-p", STUDENT_PLANS, "--teacher",
+                  teacher_3d.name, "--trainers", "nnUNetTrainerStudent", "nnUNetTrainerKDLogits", "--seeds", "0",
+                  "--epochs", "1", "--iterations", "2", "--val-iterations", "1", "--device", "cpu", "--time-cases",
+                  "0", "--teacher-targets", f"{TEACHER_NAME}__f0-1__nomirror", "--test-images",
+                  str(workspace.raw / "imagesTs"), "--test-labels", str(workspace.raw / "labelsTs"), "-o", str(study))
+    teacher = study / "predictions" / "teacher"
+    assert json.loads((teacher / "teacher.json").read_text()) == {"folds": [0, 1], "mirroring": False}
+    assert "folds 0, 1 (ensemble), without mirroring" in (study / "report.md").read_text()
+    # the same prediction as the stock command for that ensemble
+    expected = tmp_path / "expected"
+    workspace.run("nnUNetv2_predict", "-i", str(workspace.raw / "imagesTs"), "-o", str(expected), "-d",
+                  str(DATASET_ID), "-c", "3d_fullres", "-f", "0", "1", "-tr", "nnUNetTrainer_debug", "-device", "cpu",
+                  "--disable_tta")
+    for case in sorted(expected.glob("*.nii.gz")):
+        assert (teacher / case.name).read_bytes() == case.read_bytes()
+
+
+def test_study_refuses_targets_of_another_teacher(workspace, teacher_3d, targets_3d, tmp_path):
+    other = copy_model_folder(teacher_3d, workspace.results / "nnUNetTrainer__nnUNetPlans__3d_fullres")
+    try:
+        refused = workspace.run(
+            "nnunet_kd", "study", str(DATASET_ID), "-c", "3d_fullres", "-p", STUDENT_PLANS, "--teacher", str(other),
+            "--trainers", "nnUNetTrainerStudent", "nnUNetTrainerKDLogits", "--teacher-targets", targets_3d.name,
+            "-o", str(tmp_path / "study"), check=False)
+    finally:
+        shutil.rmtree(other)
+    assert refused.returncode == 2 and f"come from the teacher {teacher_3d}" in refused.stderr
+    assert not (tmp_path / "study" / "runs").exists()

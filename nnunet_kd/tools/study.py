@@ -31,6 +31,8 @@ from nnunet_kd.settings import (
 from nnunet_kd.tools import TRAINERS_FOLDER, command_environment
 
 STUDY_FILE = "study.json"
+# which folds of the teacher, with or without mirroring, predicted the test set
+TEST_TEACHER_FILE = "teacher.json"
 # what may differ when a study is re-run into the same folder: more trainers or seeds, another test set or device
 EXTENSIBLE_FIELDS = ("trainers", "seeds", "test_images", "test_labels", "device")
 
@@ -168,6 +170,25 @@ def _run_command(args: list[str], env: dict[str, str], log_file: Path) -> None:
                                    f"\n{tail}")
 
 
+def stored_targets_teacher(plan: StudyPlan) -> dict:
+    """The teacher entry of the stored targets' manifest (model folder, folds, mirroring)."""
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    from nnunet_kd.teacher_targets import StoredTargets
+
+    folder = Path(nnUNet_preprocessed.get()) / plan.dataset
+    return StoredTargets.locate(plan.teacher_targets, folder).manifest["teacher"]
+
+
+def teacher_as_learned(plan: StudyPlan) -> tuple[tuple[int, ...], bool]:
+    """Folds and mirroring of the teacher the students learn from, as the test set is predicted with it: the stored
+    targets' (an ensemble, mirrored or not), else the study fold's network with nnU-Net's default mirroring."""
+    if not plan.teacher_targets:
+        return (plan.fold,), True
+    teacher = stored_targets_teacher(plan)
+    return tuple(teacher["folds"]), bool(teacher["mirroring"])
+
+
 def check_inputs(plan: StudyPlan) -> None:
     """Everything that can be wrong before the first run: folders, plans, trainer classes, the teacher."""
     from nnunetv2.paths import nnUNet_preprocessed
@@ -187,9 +208,11 @@ def check_inputs(plan: StudyPlan) -> None:
     check_teacher_files(TeacherSpec(plan.teacher, (plan.fold,), "checkpoint_final.pth"), plan.dataset,
                         plan.configuration)
     if plan.teacher_targets:
-        from nnunet_kd.teacher_targets import StoredTargets
-
-        StoredTargets.locate(plan.teacher_targets, plans_file.parent)
+        stored_teacher = Path(stored_targets_teacher(plan)["model_folder"])
+        if stored_teacher.resolve() != Path(plan.teacher).resolve():
+            raise KDConfigurationError(f"The stored targets {plan.teacher_targets} come from the teacher "
+                                       f"{stored_teacher}, the study's --teacher is {plan.teacher}: give the "
+                                       f"teacher the targets were written with.")
     if (plan.test_images is None) != (plan.test_labels is None):
         raise KDConfigurationError("Give both --test-images and --test-labels, or neither.")
     for folder in (plan.test_images, plan.test_labels):
@@ -254,15 +277,18 @@ def train(run: Run) -> None:
 
 
 def predict_and_evaluate(model_folder: Path, results_root: Path, trainer_class: str, plan: StudyPlan,
-                         output: Path, log_file: Path) -> None:
+                         output: Path, log_file: Path, folds: tuple[int, ...] | None = None,
+                         mirroring: bool = True) -> None:
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder2
 
     if (output / "summary.json").is_file():
         return
     plans = model_folder.name.split("__")[1]
     args = ["nnUNetv2_predict", "-i", plan.test_images, "-o", str(output), "-d", plan.dataset,
-            "-c", plan.configuration, "-f", str(plan.fold), "-tr", trainer_class, "-p", plans, "-device",
-            plan.device, "-npp", "1", "-nps", "1", "--disable_progress_bar"]
+            "-c", plan.configuration, "-f", *[str(f) for f in folds or (plan.fold,)], "-tr", trainer_class, "-p",
+            plans, "-device", plan.device, "-npp", "1", "-nps", "1", "--disable_progress_bar"]
+    if not mirroring:
+        args.append("--disable_tta")
     _run_command(args, command_environment({"nnUNet_results": str(results_root)}), log_file)
     compute_metrics_on_folder2(plan.test_labels, str(output), str(model_folder / "dataset.json"),
                                str(model_folder / "plans.json"), str(output / "summary.json"), num_processes=1)
@@ -305,5 +331,8 @@ def run_study(plan: StudyPlan, study: Path, jobs: int = 1) -> None:
             future.result()  # the first failure stops the study (runs already started finish)
     if plan.test_images is not None:
         teacher = Path(plan.teacher)
-        predict_and_evaluate(teacher, teacher.parents[1], teacher.name.split("__")[0], plan,
-                             study / "predictions" / "teacher", study / "logs" / "teacher_predict.log")
+        folds, mirroring = teacher_as_learned(plan)
+        output = study / "predictions" / "teacher"
+        predict_and_evaluate(teacher, teacher.parents[1], teacher.name.split("__")[0], plan, output,
+                             study / "logs" / "teacher_predict.log", folds, mirroring)
+        (output / TEST_TEACHER_FILE).write_text(json.dumps({"folds": list(folds), "mirroring": mirroring}))

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_kd.errors import KDConfigurationError
-from nnunet_kd.tools.study import STUDY_FILE, Run, StudyPlan, plan_runs
+from nnunet_kd.tools.study import STUDY_FILE, TEST_TEACHER_FILE, Run, StudyPlan, plan_runs
 from nnunet_kd.tools.study_stats import PairedComparison, compare, still_improving
 
 SPLITS = {"validation": "validation (fold {fold})", "test": "test set"}
@@ -161,6 +161,20 @@ def study_machines(study: Path) -> list[str]:
         if path.is_file() else []
 
 
+def _test_teacher_note(study: Path, fold: int) -> str:
+    record = study / "predictions" / "teacher" / TEST_TEACHER_FILE
+    if not record.is_file():
+        return ""
+    teacher = json.loads(record.read_text())
+    if teacher["folds"] == [fold] and teacher["mirroring"]:
+        return ""
+    folds = ", ".join(str(f) for f in teacher["folds"])
+    return (f" On the test set the teacher row is the teacher as the students learned from it: "
+            f"fold{'s' if len(teacher['folds']) > 1 else ''} {folds}"
+            f"{' (ensemble)' if len(teacher['folds']) > 1 else ''}, {'with' if teacher['mirroring'] else 'without'} "
+            f"mirroring; on the validation fold it is fold {fold}'s network alone.")
+
+
 def format_markdown(plan: StudyPlan, study: Path, results: dict[str, TrainerResult], teacher: dict[str, CaseScores],
                     compared: dict, costs: list[dict]) -> str:
     baseline = plan.trainers[0]
@@ -172,7 +186,8 @@ def format_markdown(plan: StudyPlan, study: Path, results: dict[str, TrainerResu
              f"{schedule}; fold {plan.fold}; device {plan.device}. Each seed starts every trainer from the same "
              f"initial student weights." + (f" KD trainers learn from the stored teacher targets "
                                              f"`{Path(plan.teacher_targets).name}` (`nnunet_kd teacher-targets`)."
-                                             if plan.teacher_targets else ""), ""]
+                                             if plan.teacher_targets else "")
+             + _test_teacher_note(study, plan.fold), ""]
     machines = study_machines(study)
     if machines:
         lines += ["Trained on: " + "; ".join(machines), ""]
