@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One fast model from the 5-fold ensemble, measured: MSD Hippocampus 2d with a labelled test set outside every fold
+# (`nnunet_kd holdout`), the teacher's five folds, stored targets of the 5-fold ensemble with mirroring and of fold 0
+# alone with mirroring, then paired seeds of the plain student and of stored-target nnUNetTrainerKDLogits from each.
+# Both studies predict the held-out test set (the teacher row: as the students learned from it), and
+# `nnunet_kd study-compare` pairs ensemble-taught against fold-taught students by seed and case.
+#
+# Usage: bash setup_scripts/study_ensemble_targets.sh MSD_FOLDER [WORKDIR]
+#   MSD_FOLDER  the Medical Segmentation Decathlon's Task04_Hippocampus folder
+#   WORKDIR     nnU-Net folders, logs and the two studies (default: study_ensemble)
+# Environment (defaults in brackets): TEST_CASES [40] labelled cases held out; SEEDS ["0 1 2"]; EPOCHS [40] x
+#   ITERATIONS [50] for the students; TEACHER_SCHEDULE [40x50]; DEVICE [cpu].
+# On a 2-core CPU: five teachers of ~15 min, ensemble targets ~20 min, 9 student runs of ~9 min: about 3 hours.
+# Re-running continues where it stopped.
+# A CPU check of the whole chain: TEST_CASES=4 SEEDS="0 1" TEACHER_SCHEDULE=debug EPOCHS=1 ITERATIONS=2 \
+#   bash setup_scripts/study_ensemble_targets.sh MSD_FOLDER /tmp/ensemble_check
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+[ -z "${VIRTUAL_ENV:-}" ] && [ -x "$repo/.venv/bin/nnunet_kd" ] && export PATH="$repo/.venv/bin:$PATH"
+source_dir=$(cd "${1:?give the MSD Task04_Hippocampus folder}" && pwd)
+work=$(mkdir -p "${2:-study_ensemble}" && cd "${2:-study_ensemble}" && pwd)
+test_cases=${TEST_CASES:-40} seeds=${SEEDS:-0 1 2} epochs=${EPOCHS:-40} iterations=${ITERATIONS:-50}
+device=${DEVICE:-cpu} teacher_trainer=nnUNetTrainer_${TEACHER_SCHEDULE:-40x50}
+export nnUNet_raw=$work/raw nnUNet_preprocessed=$work/preprocessed nnUNet_results=$work/results
+export nnUNet_extTrainer=${nnUNet_extTrainer:-$repo/trainers} nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-2}
+id=104 dataset=Dataset104_HippocampusHoldout plans=nnUNetPlans_bs32
+students=${plans}_KDStudent_w0.25 teacher=${teacher_trainer}__${plans}__2d
+mkdir -p "$nnUNet_raw" "$work/logs"
+step() { echo "[$(date +%H:%M:%S)] $*"; }
+
+if [ ! -f "$nnUNet_raw/Dataset004_Hippocampus/dataset.json" ]; then
+  step "converting $source_dir"; nnUNetv2_convert_MSD_dataset -i "$source_dir" -overwrite_id 4
+fi
+[ -d "$nnUNet_raw/$dataset" ] ||
+  nnunet_kd holdout 4 --test-cases "$test_cases" --dataset-id $id --name HippocampusHoldout
+if [ ! -d "$nnUNet_preprocessed/$dataset/nnUNetPlans_2d" ]; then
+  step "planning and preprocessing (2d)"
+  nnUNetv2_plan_and_preprocess -d $id -c 2d --verify_dataset_integrity -np 2 > "$work/logs/plan.log"
+fi
+nnunet_kd batch-plans $id -c 2d --batch-size 32 > /dev/null
+nnunet_kd student-plans $id -c 2d -p $plans --width 0.25 > /dev/null
+
+for fold in 0 1 2 3 4; do
+  folder=$nnUNet_results/$dataset/$teacher/fold_$fold
+  [ -f "$folder/validation/summary.json" ] && continue
+  resume=(); [ -f "$folder/checkpoint_latest.pth" ] && resume=(--c)
+  step "teacher fold $fold: $teacher_trainer -p $plans (log: $work/logs/teacher_fold$fold.log)"
+  nnUNetv2_train $id 2d $fold -tr "$teacher_trainer" -p $plans -device "$device" "${resume[@]}" \
+    >> "$work/logs/teacher_fold$fold.log" 2>&1
+done
+
+for folds in "0" "0 1 2 3 4"; do
+  step "teacher targets, folds $folds, mirroring"
+  # shellcheck disable=SC2086  # the fold list is meant to split
+  nnunet_kd teacher-targets $id -c 2d -p $plans --teacher "$teacher" -f $folds -device "$device" \
+    > "$work/logs/targets_f$(echo "$folds" | tr -d ' ').log"
+done
+
+test_set=(--test-images "$nnUNet_raw/$dataset/imagesTs" --test-labels "$nnUNet_raw/$dataset/labelsTs")
+study() {  # study(targets, folder): the plain student and stored-target KDLogits, paired seeds, the test set
+  # shellcheck disable=SC2086
+  nnunet_kd study $id -c 2d -p $students --teacher "$teacher" --trainers nnUNetTrainerStudent nnUNetTrainerKDLogits \
+    --seeds $seeds --epochs "$epochs" --iterations "$iterations" --val-iterations 10 --device "$device" \
+    "${test_set[@]}" --teacher-targets "$1" -o "$2"
+}
+study "${teacher}__f0" "$work/study_fold0"
+# the plain students are the same runs in both studies: copied, not retrained
+for seed in $seeds; do
+  for kind in runs predictions; do
+    source_run=$work/study_fold0/$kind/seed_$seed
+    if [ "$kind" = runs ]; then
+      source_run=$source_run/$dataset/nnUNetTrainerStudent__${students}__2d
+    else
+      source_run=$source_run/nnUNetTrainerStudent
+    fi
+    target=${source_run/study_fold0/study_ensemble}
+    [ -d "$target" ] || { mkdir -p "$(dirname "$target")" && cp -r "$source_run" "$target"; }
+  done
+done
+study "${teacher}__f0-1-2-3-4" "$work/study_ensemble"
+nnunet_kd study-compare "$work/study_fold0" "$work/study_ensemble" -o "$work/ensemble_vs_fold0.md"
