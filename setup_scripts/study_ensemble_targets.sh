@@ -61,21 +61,8 @@ study() {  # study(targets, folder): the plain student and stored-target KDLogit
   # shellcheck disable=SC2086
   nnunet_kd study $id -c 2d -p $students --teacher "$teacher" --trainers nnUNetTrainerStudent nnUNetTrainerKDLogits \
     --seeds $seeds --epochs "$epochs" --iterations "$iterations" --val-iterations 10 --device "$device" \
-    "${test_set[@]}" --teacher-targets "$1" -o "$2"
+    "${test_set[@]}" --teacher-targets "$1" -o "$2" "${@:3}"
 }
 study "${teacher}__f0" "$work/study_fold0"
-# the plain students are the same runs in both studies: copied, not retrained
-for seed in $seeds; do
-  for kind in runs predictions; do
-    source_run=$work/study_fold0/$kind/seed_$seed
-    if [ "$kind" = runs ]; then
-      source_run=$source_run/$dataset/nnUNetTrainerStudent__${students}__2d
-    else
-      source_run=$source_run/nnUNetTrainerStudent
-    fi
-    target=${source_run/study_fold0/study_ensemble}
-    [ -d "$target" ] || { mkdir -p "$(dirname "$target")" && cp -r "$source_run" "$target"; }
-  done
-done
-study "${teacher}__f0-1-2-3-4" "$work/study_ensemble"
+study "${teacher}__f0-1-2-3-4" "$work/study_ensemble" --baseline-from "$work/study_fold0"  # plain runs: the same
 nnunet_kd study-compare "$work/study_fold0" "$work/study_ensemble" -o "$work/ensemble_vs_fold0.md"

@@ -7,7 +7,7 @@
 #   MSD_FOLDER  the Medical Segmentation Decathlon's Task04_Hippocampus folder (imagesTr, labelsTr, dataset.json)
 #   WORKDIR     nnU-Net folders, logs and the studies (default: study_hippocampus)
 # Environment (defaults in brackets):
-#   WIDTHS ["0.25"]   student widths; one study per width, in WORKDIR/study_w<width>
+#   WIDTHS ["0.25"]   student widths; one study per width, in WORKDIR/study_<config>_w<width>
 #   TRAINERS ["nnUNetTrainerStudent nnUNetTrainerKDLogits"]   the first is the no-KD baseline
 #   SEEDS ["0 1 2"]   EPOCHS [40] x ITERATIONS [50]: the students' schedule   DEVICE [cpu]   JOBS [1]: runs at once
 #   CONFIG [2d]: 2d trains on a batch-32 variant of nnU-Net's plans; 3d_fullres on nnU-Net's own plans

@@ -35,14 +35,10 @@ for folds in "$folds1" "$folds5"; do
     --repeats 10 --json "$work/logs/bench_step_targets_$(echo "$folds" | tr -d ' ').json"
 done
 
-# the baseline runs are the main study's (same plans, schedule and seeds): copied, not retrained
-for seed in $seeds; do
-  source_run=$work/study_2d_w0.25/runs/seed_$seed/$dataset/nnUNetTrainerStudent__${students}__2d
-  if [ -d "$source_run" ] && [ ! -d "$study/runs/seed_$seed/$dataset/$(basename "$source_run")" ]; then
-    mkdir -p "$study/runs/seed_$seed/$dataset" && cp -r "$source_run" "$study/runs/seed_$seed/$dataset/"
-  fi
-done
+# the main study's plain runs (same plans, schedule and seeds) are reused, not retrained
+reuse=()
+if [ -f "$work/study_2d_w0.25/study.json" ]; then reuse=(--baseline-from "$work/study_2d_w0.25"); fi
 # shellcheck disable=SC2086
 nnunet_kd study 4 -c 2d -p $students --teacher $teacher --trainers $trainers \
   --seeds $seeds --epochs "$epochs" --iterations "$iterations" --val-iterations 10 --device cpu \
-  --teacher-targets "$name" -o "$study"
+  --teacher-targets "$name" -o "$study" "${reuse[@]}"

@@ -316,12 +316,13 @@ def test_bench_step_times_stored_targets_against_online_teachers(workspace, teac
 
 def test_study_runs_kd_trainers_from_stored_targets_and_compares_with_online_kd(workspace, teacher_3d, targets_3d,
                                                                                    tmp_path):
-    def study(output, *targets: str, check: bool = True):
+    def study(output, *extra: str, check: bool = True):
         return workspace.run(
             "nnunet_kd", "study", str(DATASET_ID), "-c", "3d_fullres", "-p", STUDENT_PLANS, "--teacher",
             teacher_3d.name, "--trainers", "nnUNetTrainerStudent", "nnUNetTrainerKDLogits", "--seeds", "0",
             "--epochs", "1", "--iterations", "2", "--val-iterations", "1", "--device", "cpu", "--time-cases", "0",
-            *targets, "-o", str(output), check=check)
+            "--test-images", str(workspace.raw / "imagesTs"), "--test-labels", str(workspace.raw / "labelsTs"),
+            *extra, "-o", str(output), check=check)
 
     stored, online = tmp_path / "stored", tmp_path / "online"
     refused = study(stored, "--teacher-targets", "no_such_targets", check=False)
@@ -335,16 +336,27 @@ def test_study_runs_kd_trainers_from_stored_targets_and_compares_with_online_kd(
     assert record["teacher_targets"]["folder"] == str(targets_3d.resolve()) and record["seed"] == 0
     assert "learn from the stored teacher targets" in (stored / "report.md").read_text()
 
-    # the online twin: the same baseline run, online KD trained; then the paired comparison of the two studies
-    baseline = runs / f"nnUNetTrainerStudent__{STUDENT_PLANS}__3d_fullres"
-    shutil.copytree(stored / baseline, online / baseline)
-    study(online)
+    # the online twin reuses the plain run and its test predictions (the same run: no teacher in it); trains online KD
+    twin = study(online, "--baseline-from", str(stored))
+    assert "baseline runs of seeds [0] copied from" in twin.stdout
+    assert "seed 0, nnUNetTrainerStudent: done" in twin.stdout and "nnUNetTrainerStudent: training" not in twin.stdout
+    checkpoint = runs / f"nnUNetTrainerStudent__{STUDENT_PLANS}__3d_fullres" / "fold_0" / "checkpoint_final.pth"
+    assert (online / checkpoint).read_bytes() == (stored / checkpoint).read_bytes()
+    prediction = Path("predictions") / "seed_0" / "nnUNetTrainerStudent" / "summary.json"
+    assert (online / prediction).read_text() == (stored / prediction).read_text()
+    assert (online / runs / f"nnUNetTrainerKDLogits__{STUDENT_PLANS}__3d_fullres" / "fold_0" /
+            "checkpoint_final.pth").is_file()
     table = workspace.run("nnunet_kd", "study-compare", str(online), str(stored)).stdout
     assert f"teacher_targets None -> '{targets_3d.name}'" in table
     row = next(line for line in table.splitlines() if line.startswith("| nnUNetTrainerKDLogits | validation | 1 |"))
     assert "95 % CI" in table and row.count("|") == 10
     mismatch = workspace.run("nnunet_kd", "study-compare", str(online), str(tmp_path), check=False)
     assert mismatch.returncode == 2 and "not a study folder" in mismatch.stderr
+
+    # another schedule's plain runs are other runs: refused, and the new study folder is not even made
+    other_schedule = study(tmp_path / "longer", "--epochs", "3", "--baseline-from", str(stored), check=False)
+    assert other_schedule.returncode == 2 and "num_epochs: 1 there, 3 here" in other_schedule.stderr
+    assert not (tmp_path / "longer").exists()
 
 
 def test_study_tests_the_teacher_as_its_targets_store_it_an_ensemble_without_mirroring(workspace, teacher_3d,

@@ -6,6 +6,8 @@ decoder scales (full resolution first), each against the teacher's own deep-supe
 KL; the public code's "feature-normalised" term has no gradient. Environment overrides: nnUNet_KD_seg_weight,
 nnUNet_KD_soft_weight, nnUNet_KD_affinity_weight, nnUNet_KD_temperature, nnUNet_KD_scale_weights.
 """
+from dataclasses import replace
+
 from nnunet_kd.losses import ClassAffinityKDLoss, DeepSupervisionKD, SoftTargetKDLoss, parse_scale_weights
 from nnunet_kd.settings import MultiScaleSettings
 from nnunet_kd.trainer import nnUNetTrainerKD
@@ -29,3 +31,9 @@ class nnUNetTrainerKDMultiScale(nnUNetTrainerKD):
             "affinity_loss": (DeepSupervisionKD(ClassAffinityKDLoss(temperature, activation), weights),
                               self.kd_settings.affinity_weight),
         }
+
+
+class nnUNetTrainerKDMultiScale_strongKD(nnUNetTrainerKDMultiScale):
+    # The paper's 0.2 / 0.1 weights fine-tune a student already trained; from scratch they make the KD terms a tenth
+    # of KDLogits's (Hippocampus 2d: no effect). Five times both, their ratio kept, for students trained from scratch.
+    kd_defaults = replace(nnUNetTrainerKDMultiScale.kd_defaults, soft_weight=1.0, affinity_weight=0.5)

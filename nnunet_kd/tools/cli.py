@@ -267,7 +267,8 @@ def study_command(args: argparse.Namespace) -> None:
                      device=args.device, teacher_targets=args.teacher_targets)
     output = Path(args.output or f"study_{dataset}_{args.configuration}_{args.plans}")
     if not args.report_only:
-        run_study(plan, output, jobs=args.jobs)
+        run_study(plan, output, jobs=args.jobs,
+                  baseline_from=Path(args.baseline_from) if args.baseline_from else None)
     write_report(plan, output.resolve(), time_cases=args.time_cases)
     print(f"report: {output.resolve() / 'report.md'}")
 
@@ -538,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="study folder (default: study_<dataset>_<configuration>_<plans>); re-running continues it")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (e.g. several small students on one "
                                                        "GPU; default: 1)")
+    p.add_argument("--baseline-from", default=None, metavar="STUDY",
+                   help="reuse the finished baseline runs of another study of the same dataset, plans, fold and "
+                        "schedule (e.g. the online-KD study, when this one changes only the teacher targets)")
     p.add_argument("--report-only", action="store_true", help="write the report from the runs finished so far")
     p.set_defaults(func=study_command)
 

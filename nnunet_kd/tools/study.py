@@ -35,6 +35,8 @@ STUDY_FILE = "study.json"
 TEST_TEACHER_FILE = "teacher.json"
 # what may differ when a study is re-run into the same folder: more trainers or seeds, another test set or device
 EXTENSIBLE_FIELDS = ("trainers", "seeds", "test_images", "test_labels", "device")
+# what two studies must share for their runs of one seed to be the same experiment (paired, or one reused)
+PAIRING_FIELDS = ("dataset", "configuration", "plans", "fold", "num_epochs", "iterations_per_epoch", "schedule")
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,62 @@ def save_or_check_plan(plan: StudyPlan, study: Path) -> None:
         f.write(f"{time.strftime('%Y-%m-%d %H:%M')} {machine_description(plan.device)}\n")
 
 
+def load_plan(study: Path) -> StudyPlan:
+    """The plan recorded in a study folder."""
+    path = study / STUDY_FILE
+    if not path.is_file():
+        raise KDConfigurationError(f"{study} is not a study folder (no {STUDY_FILE}).")
+    recorded = json.loads(path.read_text())
+    return StudyPlan(**{**recorded, "trainers": tuple(recorded["trainers"]), "seeds": tuple(recorded["seeds"])})
+
+
+def baseline_source(plan: StudyPlan, source: Path) -> StudyPlan:
+    """The plan of another study whose baseline runs are this study's runs: same dataset, plans, fold, schedule and
+    baseline trainer (and teacher, if the baseline learns from one). Refused, naming what differs, otherwise."""
+    source_plan = load_plan(source)
+    baseline = plan.trainers[0]
+    fields = PAIRING_FIELDS + (("teacher", "teacher_targets") if _learns_from_teacher(plan.trainer_class(baseline))
+                               else ())
+    mismatched = [f"{k}: {getattr(source_plan, k)!r} there, {getattr(plan, k)!r} here" for k in fields
+                  if getattr(source_plan, k) != getattr(plan, k)]
+    if source_plan.trainers[0] != baseline:
+        mismatched.append(f"baseline trainer: {source_plan.trainers[0]} there, {baseline} here")
+    if mismatched:
+        lines = "\n  - ".join(mismatched)
+        raise KDConfigurationError(f"--baseline-from {source}: its baseline runs are not this study's:\n  - {lines}\n"
+                                   f"Reuse a study of the same dataset, plans, fold, schedule and baseline trainer.")
+    return source_plan
+
+
+def reuse_baseline_runs(plan: StudyPlan, study: Path, source: Path, source_plan: StudyPlan) -> list[int]:
+    """Copy the finished baseline runs of `source` (checked by `baseline_source`), with their test predictions where
+    the test set is the same, for the seeds both studies have. Runs already here are never replaced. Returns the
+    seeds copied."""
+    import shutil
+
+    same_test_set = (source_plan.test_images, source_plan.test_labels) == (plan.test_images, plan.test_labels)
+    copied = []
+    for seed in sorted(set(plan.seeds) & set(source_plan.seeds)):
+        there = Run(seed, plan.trainers[0], source.resolve(), source_plan)
+        here = Run(seed, plan.trainers[0], study, plan)
+        if not there.trained or here.model_folder.exists():
+            continue
+        shutil.copytree(there.model_folder, here.model_folder)
+        if same_test_set and plan.test_images is not None and there.tested and not here.test_predictions.exists():
+            shutil.copytree(there.test_predictions, here.test_predictions)
+        here.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(here.log_file, "a") as log:
+            log.write(f"# copied from {there.model_folder}\n")
+        copied.append(seed)
+    return copied
+
+
+def _learns_from_teacher(trainer_class: str) -> bool:
+    from nnunet_kd.trainer import nnUNetTrainerKD
+
+    return issubclass(_find_trainer_class(trainer_class), nnUNetTrainerKD)
+
+
 def machine_description(device: str) -> str:
     """What trained the runs: device name, CPU cores, torch and nnU-Net versions (recorded with the study)."""
     import platform
@@ -225,19 +283,22 @@ def check_inputs(plan: StudyPlan) -> None:
 
 
 def _check_trainer_classes(names: Sequence[str]) -> None:
+    for name in names:
+        _find_trainer_class(name)
+
+
+def _find_trainer_class(name: str) -> type:
+    """A trainer class as `nnUNetv2_train` finds it (nnU-Net's, or nnUNet_extTrainer's: this package's by default)."""
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
     old = os.environ.get("nnUNet_extTrainer")
     os.environ["nnUNet_extTrainer"] = old or str(TRAINERS_FOLDER)
     try:
-        for name in names:
-            try:
-                with contextlib.redirect_stdout(io.StringIO()):
-                    recursive_find_trainer_class_by_name(name)
-            except RuntimeError as e:
-                raise KDConfigurationError(f"Trainer class {name} not found in nnU-Net or in nnUNet_extTrainer "
-                                           f"({os.environ['nnUNet_extTrainer']}). Check its name (and --schedule)."
-                                           ) from e
+        with contextlib.redirect_stdout(io.StringIO()):
+            return recursive_find_trainer_class_by_name(name)
+    except RuntimeError as e:
+        raise KDConfigurationError(f"Trainer class {name} not found in nnU-Net or in nnUNet_extTrainer "
+                                   f"({os.environ['nnUNet_extTrainer']}). Check its name (and --schedule).") from e
     finally:
         if old is None:
             os.environ.pop("nnUNet_extTrainer")
@@ -294,17 +355,23 @@ def predict_and_evaluate(model_folder: Path, results_root: Path, trainer_class: 
                                str(model_folder / "plans.json"), str(output / "summary.json"), num_processes=1)
 
 
-def run_study(plan: StudyPlan, study: Path, jobs: int = 1) -> None:
+def run_study(plan: StudyPlan, study: Path, jobs: int = 1, baseline_from: Path | None = None) -> None:
     """Train, validate and test every run that is not done yet (`nnunet_kd.tools.study_report` then reports).
 
     `jobs` > 1 trains that many runs at once (a GPU with room for several small students); runs still start in
-    seed order.
+    seed order. `baseline_from`: another study whose finished baseline runs this one reuses (`reuse_baseline_runs`).
     """
     from concurrent.futures import ThreadPoolExecutor
 
     study = study.resolve()
     check_inputs(plan)
+    source_plan = baseline_source(plan, baseline_from) if baseline_from is not None else None
     save_or_check_plan(plan, study)
+    if source_plan is not None:
+        copied = reuse_baseline_runs(plan, study, baseline_from, source_plan)
+        print(f"baseline runs of seeds {copied} copied from {baseline_from.resolve()}" if copied else
+              f"no baseline run copied from {baseline_from.resolve()} (none finished there that is not here)",
+              flush=True)
     runs = plan_runs(plan, study)
     progress = Progress(len(runs), jobs)
     print(f"study of {len(plan.trainers)} trainers x {len(plan.seeds)} seeds in {study} (baseline: {plan.trainers[0]})",

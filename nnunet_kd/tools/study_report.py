@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_kd.errors import KDConfigurationError
-from nnunet_kd.tools.study import STUDY_FILE, TEST_TEACHER_FILE, Run, StudyPlan, plan_runs
+from nnunet_kd.tools.study import PAIRING_FIELDS, TEST_TEACHER_FILE, Run, StudyPlan, load_plan, plan_runs
 from nnunet_kd.tools.study_stats import PairedComparison, compare, still_improving
 
 SPLITS = {"validation": "validation (fold {fold})", "test": "test set"}
@@ -345,20 +345,12 @@ def write_report(plan: StudyPlan, study: Path, time_cases: int = 3, num_resample
     return study / "report.md"
 
 
-def _recorded_plan(study: Path) -> StudyPlan:
-    path = study / STUDY_FILE
-    if not path.is_file():
-        raise KDConfigurationError(f"{study} is not a study folder (no {STUDY_FILE}).")
-    recorded = json.loads(path.read_text())
-    return StudyPlan(**{**recorded, "trainers": tuple(recorded["trainers"]), "seeds": tuple(recorded["seeds"])})
-
-
 def compare_studies(reference: Path, other: Path, trainers: list[str] | None = None,
                     num_resamples: int = 10000) -> str:
     """The same trainers in two studies that differ in one setting (e.g. online vs stored-target KD), paired by seed
     (the same initial weights) and case: other minus reference, with the hierarchical bootstrap interval."""
-    plans = [_recorded_plan(study) for study in (reference, other)]
-    fixed = ("dataset", "configuration", "plans", "fold", "num_epochs", "iterations_per_epoch", "schedule")
+    plans = [load_plan(study) for study in (reference, other)]
+    fixed = PAIRING_FIELDS
     mismatched = [k for k in fixed if getattr(plans[0], k) != getattr(plans[1], k)]
     if mismatched:
         raise KDConfigurationError(f"The studies differ in {mismatched}: their runs are not paired. Compare studies "
