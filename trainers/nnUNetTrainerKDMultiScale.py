@@ -34,6 +34,6 @@ class nnUNetTrainerKDMultiScale(nnUNetTrainerKD):
 
 
 class nnUNetTrainerKDMultiScale_strongKD(nnUNetTrainerKDMultiScale):
-    # The paper's 0.2 / 0.1 weights fine-tune a student already trained; from scratch they make the KD terms a tenth
-    # of KDLogits's (Hippocampus 2d: no effect). Five times both, their ratio kept, for students trained from scratch.
+    # The paper's 0.2 / 0.1 weights fine-tune a student already trained; from scratch they make the KD terms about a
+    # tenth of KDLogits's. Five times both, their ratio kept, to tell whether the weights are what limits it.
     kd_defaults = replace(nnUNetTrainerKDMultiScale.kd_defaults, soft_weight=1.0, affinity_weight=0.5)
