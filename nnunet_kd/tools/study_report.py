@@ -350,13 +350,12 @@ def compare_studies(reference: Path, other: Path, trainers: list[str] | None = N
     """The same trainers in two studies that differ in one setting (e.g. online vs stored-target KD), paired by seed
     (the same initial weights) and case: other minus reference, with the hierarchical bootstrap interval."""
     plans = [load_plan(study) for study in (reference, other)]
-    fixed = PAIRING_FIELDS
-    mismatched = [k for k in fixed if getattr(plans[0], k) != getattr(plans[1], k)]
+    mismatched = [k for k in PAIRING_FIELDS if getattr(plans[0], k) != getattr(plans[1], k)]
     if mismatched:
         raise KDConfigurationError(f"The studies differ in {mismatched}: their runs are not paired. Compare studies "
                                    f"of the same dataset, plans, fold and schedule.")
     differing = {k: (v, getattr(plans[1], k)) for k, v in vars(plans[0]).items()
-                 if k not in (*fixed, "trainers", "seeds", "device") and getattr(plans[1], k) != v}
+                 if k not in (*PAIRING_FIELDS, "trainers", "seeds", "device") and getattr(plans[1], k) != v}
     (ref_results, _, _), (other_results, _, _) = (collect(plans[0], reference.resolve()),
                                                   collect(plans[1], other.resolve()))
     names = trainers or [t for t in plans[1].trainers[1:] if t in plans[0].trainers]
