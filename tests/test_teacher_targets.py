@@ -344,6 +344,7 @@ def test_study_runs_kd_trainers_from_stored_targets_and_compares_with_online_kd(
     assert (online / checkpoint).read_bytes() == (stored / checkpoint).read_bytes()
     prediction = Path("predictions") / "seed_0" / "nnUNetTrainerStudent" / "summary.json"
     assert (online / prediction).read_text() == (stored / prediction).read_text()
+    assert (stored / "machines.txt").read_text() in (online / "machines.txt").read_text()
     assert (online / runs / f"nnUNetTrainerKDLogits__{STUDENT_PLANS}__3d_fullres" / "fold_0" /
             "checkpoint_final.pth").is_file()
     table = workspace.run("nnunet_kd", "study-compare", str(online), str(stored)).stdout

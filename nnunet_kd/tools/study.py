@@ -172,8 +172,8 @@ def baseline_source(plan: StudyPlan, source: Path) -> StudyPlan:
 
 def reuse_baseline_runs(plan: StudyPlan, study: Path, source: Path, source_plan: StudyPlan) -> list[int]:
     """Copy the finished baseline runs of `source` (checked by `baseline_source`), with their test predictions where
-    the test set is the same, for the seeds both studies have. Runs already here are never replaced. Returns the
-    seeds copied."""
+    the test set is the same, for the seeds both studies have, and the machines that trained them. Runs already here
+    are never replaced. Returns the seeds copied."""
     import shutil
 
     same_test_set = (source_plan.test_images, source_plan.test_labels) == (plan.test_images, plan.test_labels)
@@ -190,6 +190,10 @@ def reuse_baseline_runs(plan: StudyPlan, study: Path, source: Path, source_plan:
         with open(here.log_file, "a") as log:
             log.write(f"# copied from {there.model_folder}\n")
         copied.append(seed)
+    source_machines = source / "machines.txt"
+    if copied and source_machines.is_file():  # the report's "Trained on" names what trained every run here
+        with open(study / "machines.txt", "a") as f:
+            f.write(source_machines.read_text())
     return copied
 
 
