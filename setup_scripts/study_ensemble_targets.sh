@@ -11,7 +11,7 @@
 # Environment (defaults in brackets): TEST_CASES [40] labelled cases held out; SEEDS ["0 1 2"]; EPOCHS [40] x
 #   ITERATIONS [50] for the students; TEACHER_SCHEDULE [40x50]; DEVICE [cpu].
 # On a 2-core CPU: five teachers of ~15 min, ensemble targets ~20 min, 9 student runs of ~9 min: about 3 hours.
-# Re-running continues where it stopped.
+# Seeds run in turn, each in both studies; re-running continues where it stopped.
 # A CPU check of the whole chain: TEST_CASES=4 SEEDS="0 1" TEACHER_SCHEDULE=debug EPOCHS=1 ITERATIONS=2 \
 #   bash setup_scripts/study_ensemble_targets.sh MSD_FOLDER /tmp/ensemble_check
 set -euo pipefail
@@ -57,12 +57,18 @@ for folds in "0" "0 1 2 3 4"; do
 done
 
 test_set=(--test-images "$nnUNet_raw/$dataset/imagesTs" --test-labels "$nnUNet_raw/$dataset/labelsTs")
-study() {  # study(targets, folder): the plain student and stored-target KDLogits, paired seeds, the test set
+study() {  # study(targets, folder, seeds, ...): the plain student and stored-target KDLogits, the test set
   # shellcheck disable=SC2086
   nnunet_kd study $id -c 2d -p $students --teacher "$teacher" --trainers nnUNetTrainerStudent nnUNetTrainerKDLogits \
-    --seeds $seeds --epochs "$epochs" --iterations "$iterations" --val-iterations 10 --device "$device" \
-    "${test_set[@]}" --teacher-targets "$1" -o "$2" "${@:3}"
+    --seeds $3 --epochs "$epochs" --iterations "$iterations" --val-iterations 10 --device "$device" \
+    "${test_set[@]}" --teacher-targets "$1" -o "$2" "${@:4}"
 }
-study "${teacher}__f0" "$work/study_fold0"
-study "${teacher}__f0-1-2-3-4" "$work/study_ensemble" --baseline-from "$work/study_fold0"  # plain runs: the same
+done_seeds=""
+for seed in $seeds; do  # seed by seed: what has finished when the run is stopped is paired across the two studies
+  done_seeds="$done_seeds $seed" time_cases=0
+  [ "$seed" = "${seeds##* }" ] && time_cases=3  # CPU timings once, in the last reports
+  study "${teacher}__f0" "$work/study_fold0" "$done_seeds" --time-cases $time_cases
+  study "${teacher}__f0-1-2-3-4" "$work/study_ensemble" "$done_seeds" --time-cases $time_cases \
+    --baseline-from "$work/study_fold0"  # the plain runs are the same runs: copied, not retrained
+done
 nnunet_kd study-compare "$work/study_fold0" "$work/study_ensemble" -o "$work/ensemble_vs_fold0.md"
