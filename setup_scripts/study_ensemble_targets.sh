@@ -10,7 +10,9 @@
 #   WORKDIR     nnU-Net folders, logs and the two studies (default: study_ensemble)
 # Environment (defaults in brackets): TEST_CASES [40] labelled cases held out; SEEDS ["0 1 2"]; EPOCHS [40] x
 #   ITERATIONS [50] for the students; TEACHER_SCHEDULE [40x50]; DEVICE [cpu].
-# On a 2-core CPU: five teachers of ~15 min, ensemble targets ~20 min, 9 student runs of ~9 min: about 3 hours.
+# Measured on a 2-core CPU with TEACHER_SCHEDULE=20x50 EPOCHS=30: teachers 10.5 min each, fold 0's targets 6 min and
+#   the ensemble's 30 min (mirrored: 2.1 s per case and fold), student runs 7-8 min: about 2.5 hours (the defaults:
+#   about 4; the ensemble's targets run beside fold 0's first seed).
 # Seeds run in turn, each in both studies; re-running continues where it stopped.
 # A CPU check of the whole chain: TEST_CASES=4 SEEDS="0 1" TEACHER_SCHEDULE=debug EPOCHS=1 ITERATIONS=2 \
 #   bash setup_scripts/study_ensemble_targets.sh MSD_FOLDER /tmp/ensemble_check
@@ -49,12 +51,17 @@ for fold in 0 1 2 3 4; do
     >> "$work/logs/teacher_fold$fold.log" 2>&1
 done
 
-for folds in "0" "0 1 2 3 4"; do
-  step "teacher targets, folds $folds, mirroring"
+targets() {  # targets(folds): the teacher's targets with mirroring, as nnU-Net predicts
+  step "teacher targets, folds $1, mirroring"
   # shellcheck disable=SC2086  # the fold list is meant to split
-  nnunet_kd teacher-targets $id -c 2d -p $plans --teacher "$teacher" -f $folds -device "$device" \
-    > "$work/logs/targets_f$(echo "$folds" | tr -d ' ').log"
-done
+  nnunet_kd teacher-targets $id -c 2d -p $plans --teacher "$teacher" -f $1 -device "$device" \
+    > "$work/logs/targets_f$(echo "$1" | tr -d ' ').log" 2> "$work/logs/targets_f$(echo "$1" | tr -d ' ').err"
+}
+targets "0"
+# teacher-targets keeps about one of two CPU cores busy: the ensemble's run beside fold 0's first seed
+targets "0 1 2 3 4" &
+ensemble_targets=$!
+trap '[ -z "$ensemble_targets" ] || pkill -P "$ensemble_targets" || true' EXIT  # stopped early: stop it too
 
 test_set=(--test-images "$nnUNet_raw/$dataset/imagesTs" --test-labels "$nnUNet_raw/$dataset/labelsTs")
 study() {  # study(targets, folder, seeds, ...): the plain student and stored-target KDLogits, the test set
@@ -68,6 +75,7 @@ for seed in $seeds; do  # seed by seed: what has finished when the run is stoppe
   done_seeds="$done_seeds $seed" time_cases=0
   [ "$seed" = "${seeds##* }" ] && time_cases=3  # CPU timings once, in the last reports
   study "${teacher}__f0" "$work/study_fold0" "$done_seeds" --time-cases $time_cases
+  if [ -n "$ensemble_targets" ]; then wait "$ensemble_targets"; ensemble_targets=""; fi
   study "${teacher}__f0-1-2-3-4" "$work/study_ensemble" "$done_seeds" --time-cases $time_cases \
     --baseline-from "$work/study_fold0"  # the plain runs are the same runs: copied, not retrained
 done
