@@ -10,9 +10,9 @@
 #   WORKDIR     nnU-Net folders, logs and the two studies (default: study_ensemble)
 # Environment (defaults in brackets): TEST_CASES [40] labelled cases held out; SEEDS ["0 1 2"]; EPOCHS [40] x
 #   ITERATIONS [50] for the students; TEACHER_SCHEDULE [40x50]; DEVICE [cpu].
-# Measured on a 2-core CPU with TEACHER_SCHEDULE=20x50 EPOCHS=30: teachers 10.5 min each, fold 0's targets 6 min and
-#   the ensemble's 30 min (mirrored: 2.1 s per case and fold), student runs 7-8 min: about 2.5 hours (the defaults:
-#   about 4; the ensemble's targets run beside fold 0's first seed).
+# Measured on a 2-core CPU with TEACHER_SCHEDULE=20x50 EPOCHS=30: teachers 10.5 min each, fold 0's targets 6 min
+#   (mirrored: 2.0 s per case and fold), the ensemble's 36 min beside fold 0's students, student runs 7-11 min: about
+#   2.5 hours (the defaults: about 4).
 # Seeds run in turn, each in both studies; re-running continues where it stopped.
 # A CPU check of the whole chain: TEST_CASES=4 SEEDS="0 1" TEACHER_SCHEDULE=debug EPOCHS=1 ITERATIONS=2 \
 #   bash setup_scripts/study_ensemble_targets.sh MSD_FOLDER /tmp/ensemble_check
@@ -54,8 +54,8 @@ done
 targets() {  # targets(folds): the teacher's targets with mirroring, as nnU-Net predicts
   step "teacher targets, folds $1, mirroring"
   # shellcheck disable=SC2086  # the fold list is meant to split
-  nnunet_kd teacher-targets $id -c 2d -p $plans --teacher "$teacher" -f $1 -device "$device" \
-    > "$work/logs/targets_f$(echo "$1" | tr -d ' ').log" 2> "$work/logs/targets_f$(echo "$1" | tr -d ' ').err"
+  local log=$work/logs/targets_f${1// /}
+  nnunet_kd teacher-targets $id -c 2d -p $plans --teacher "$teacher" -f $1 -device "$device" > "$log.log" 2> "$log.err"
 }
 targets "0"
 # teacher-targets keeps about one of two CPU cores busy: the ensemble's run beside fold 0's first seed

@@ -190,10 +190,11 @@ def reuse_baseline_runs(plan: StudyPlan, study: Path, source: Path, source_plan:
         with open(here.log_file, "a") as log:
             log.write(f"# copied from {there.model_folder}\n")
         copied.append(seed)
-    source_machines = source / "machines.txt"
+    source_machines, machines = source / "machines.txt", study / "machines.txt"
     if copied and source_machines.is_file():  # the report's "Trained on" names what trained every run here
-        with open(study / "machines.txt", "a") as f:
-            f.write(source_machines.read_text())
+        known = set(machines.read_text().splitlines()) if machines.is_file() else set()
+        with open(machines, "a") as f:
+            f.writelines(f"{line}\n" for line in source_machines.read_text().splitlines() if line not in known)
     return copied
 
 
