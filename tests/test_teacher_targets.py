@@ -350,7 +350,7 @@ def test_study_runs_kd_trainers_from_stored_targets_and_compares_with_online_kd(
     table = workspace.run("nnunet_kd", "study-compare", str(online), str(stored)).stdout
     assert f"teacher_targets None -> '{targets_3d.name}'" in table
     row = next(line for line in table.splitlines() if line.startswith("| nnUNetTrainerKDLogits | validation | 1 |"))
-    assert "95 % CI" in table and row.count("|") == 10
+    assert "95 % CI" in table and row.count("|") == 11 and "no claim (1 seed)" in row
     mismatch = workspace.run("nnunet_kd", "study-compare", str(online), str(tmp_path), check=False)
     assert mismatch.returncode == 2 and "not a study folder" in mismatch.stderr
 

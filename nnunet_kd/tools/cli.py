@@ -282,6 +282,18 @@ def study_compare_command(args: argparse.Namespace) -> None:
         Path(args.output).write_text(table + "\n")
 
 
+def study_report_command(args: argparse.Namespace) -> None:
+    from nnunet_kd.tools.study_report import publish, study_tables
+
+    source = Path(args.source)
+    if args.publish:
+        tables = publish(source, Path(args.publish))
+        print(tables.read_text(), end="")
+        print(f"published: {tables.parent} (study.json, per_case_dice.csv, {tables.name})")
+    else:
+        print(study_tables(source), end="")
+
+
 def schedules_command(args: argparse.Namespace) -> None:
     from nnunet_kd.schedule import SCHEDULES
 
@@ -547,11 +559,20 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("study-compare", help="the same trainers in two studies that differ in one setting (e.g. "
                                              "online vs stored-target KD), paired by seed and case")
-    p.add_argument("reference", help="study folder, e.g. with the online teacher")
+    p.add_argument("reference", help="study folder (or a published copy), e.g. with the online teacher")
     p.add_argument("other", help="study folder of the same dataset, plans, fold and schedule, e.g. with stored targets")
     p.add_argument("--trainers", nargs="+", default=None, help="default: every KD trainer of OTHER that REFERENCE has")
     p.add_argument("-o", "--output", default=None, help="also write the Markdown table here")
     p.set_defaults(func=study_compare_command)
+
+    p = sub.add_parser("study-report", help="a study's Dice and KD-against-baseline tables, recomputed from its "
+                                            "per-case Dice (a study folder, or a published copy of one)")
+    p.add_argument("source", help="study folder (nnunet_kd study -o), or a folder with study.json and "
+                                  "per_case_dice.csv (e.g. benchmarks/results/<study>)")
+    p.add_argument("--publish", default=None, metavar="DIR",
+                   help="copy the study's plan and per-case Dice (a few kB) to DIR with the recomputed tables, so that "
+                        "a published table can be recomputed without the runs")
+    p.set_defaults(func=study_report_command)
 
     p = sub.add_parser("teacher-targets", help="run a teacher (a fold or a fold ensemble, with mirroring) once over "
                                                "every preprocessed case and store its outputs, so that KD trainers "

@@ -14,10 +14,20 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_kd.errors import KDConfigurationError
-from nnunet_kd.tools.study import PAIRING_FIELDS, TEST_TEACHER_FILE, Run, StudyPlan, load_plan, plan_runs
-from nnunet_kd.tools.study_stats import PairedComparison, compare, still_improving
+from nnunet_kd.tools.study import (
+    PAIRING_FIELDS,
+    STUDY_FILE,
+    TEST_TEACHER_FILE,
+    Run,
+    StudyPlan,
+    load_plan,
+    plan_runs,
+)
+from nnunet_kd.tools.study_stats import PairedComparison, compare, few_seeds_note, still_improving
 
 SPLITS = {"validation": "validation (fold {fold})", "test": "test set"}
+# the tables of a published study, as recomputed from its per-case Dice
+TABLES_FILE = "tables.md"
 
 
 @dataclass
@@ -50,11 +60,17 @@ def read_summary(path: Path, labels: dict) -> CaseScores:
 
 @dataclass
 class TrainerResult:
+    """One trainer's finished runs, keyed by seed (a run may be trained but not yet tested)."""
+
     trainer: str
-    seeds: list[int] = field(default_factory=list)
-    scores: dict[str, list[CaseScores]] = field(default_factory=dict)  # split -> one per seed, in `seeds` order
-    improving: list[bool] = field(default_factory=list)  # per seed: still improving when it stopped
-    final_ema: list[float] = field(default_factory=list)
+    scores: dict[str, dict[int, CaseScores]] = field(default_factory=dict)  # split -> seed -> scores
+    improving: dict[int, bool] = field(default_factory=dict)  # seed -> still improving when it stopped
+    final_ema: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def seeds(self) -> list[int]:
+        """The trained seeds (scored on the validation fold)."""
+        return list(self.scores.get("validation", {}))
 
 
 def _run_logging(run: Run) -> dict:
@@ -75,35 +91,55 @@ def collect(plan: StudyPlan, study: Path) -> tuple[dict[str, TrainerResult], dic
         if not run.trained:
             continue
         result = results[run.trainer]
-        result.seeds.append(run.seed)
-        result.scores.setdefault("validation", []).append(read_summary(run.validation_summary, labels))
+        result.scores.setdefault("validation", {})[run.seed] = read_summary(run.validation_summary, labels)
         if plan.test_images is not None and run.tested:
-            result.scores.setdefault("test", []).append(read_summary(run.test_predictions / "summary.json", labels))
+            result.scores.setdefault("test", {})[run.seed] = read_summary(run.test_predictions / "summary.json",
+                                                                           labels)
         ema = _run_logging(run).get("ema_fg_dice", [])
-        result.improving.append(still_improving(ema))
-        result.final_ema.append(float(ema[-1]) if ema else float("nan"))
+        result.improving[run.seed] = still_improving(ema)
+        result.final_ema[run.seed] = float(ema[-1]) if ema else float("nan")
     return results, teacher_scores, labels
 
 
 def _paired(baseline: TrainerResult, other: TrainerResult, split: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """seeds x cases mean Dice of both, on the seeds both finished."""
-    seeds = [s for s in other.seeds if s in baseline.seeds]
-    if split not in baseline.scores or split not in other.scores:
-        return np.empty((0, 0)), np.empty((0, 0)), []
-    pick = {s: i for i, s in enumerate(baseline.seeds)}
-    mine = {s: i for i, s in enumerate(other.seeds)}
-    seeds = [s for s in seeds if mine[s] < len(other.scores[split]) and pick[s] < len(baseline.scores[split])]
+    """seeds x cases mean Dice of both, on the seeds both have scores of on this split, paired by seed id."""
+    mine, theirs = other.scores.get(split, {}), baseline.scores.get(split, {})
+    seeds = [s for s in mine if s in theirs]
     if not seeds:
         return np.empty((0, 0)), np.empty((0, 0)), []
-    base = np.stack([baseline.scores[split][pick[s]].mean_per_case for s in seeds])
-    kd = np.stack([other.scores[split][mine[s]].mean_per_case for s in seeds])
+    for seed in seeds:
+        if mine[seed].cases != theirs[seed].cases:
+            raise KDConfigurationError(f"Seed {seed} of {other.trainer} and of {baseline.trainer} were scored on "
+                                       f"different {split} cases; pair runs of the same cases only.")
+    kd = np.stack([mine[s].mean_per_case for s in seeds])
+    base = np.stack([theirs[s].mean_per_case for s in seeds])
     return kd, base, seeds
 
 
-def comparisons(results: dict[str, TrainerResult], teacher: dict[str, CaseScores], baseline: str,
-                num_resamples: int = 10000) -> dict[str, dict[str, tuple[PairedComparison, list[int]]]]:
-    """split -> KD trainer -> (its comparison with the baseline, the seeds compared)."""
-    out: dict[str, dict[str, tuple[PairedComparison, list[int]]]] = {}
+def unpaired_runs(baseline: TrainerResult, other: TrainerResult, split: str) -> list[str]:
+    """Runs with a score on this split whose partner (the same seed of the other trainer) has none yet."""
+    mine, theirs = other.scores.get(split, {}), baseline.scores.get(split, {})
+    return [f"seed {s} of {baseline.trainer if s in theirs else other.trainer}"
+            for s in sorted(set(mine) ^ set(theirs))]
+
+
+@dataclass(frozen=True)
+class TrainerComparison:
+    result: PairedComparison
+    seeds: list[int]
+    unpaired: list[str]  # finished runs left out: their partner has no score on this split
+
+
+def _teacher_per_case(teacher: CaseScores | None, cases: list[str]) -> np.ndarray | None:
+    if teacher is None or teacher.cases != cases:
+        return None
+    return teacher.mean_per_case
+
+
+def comparisons(results: dict[str, TrainerResult], teacher: dict[str, CaseScores], baseline: str
+                ) -> dict[str, dict[str, TrainerComparison]]:
+    """split -> KD trainer -> its comparison with the baseline over the seeds both finished."""
+    out: dict[str, dict[str, TrainerComparison]] = {}
     for split in SPLITS:
         for name, result in results.items():
             if name == baseline:
@@ -111,8 +147,10 @@ def comparisons(results: dict[str, TrainerResult], teacher: dict[str, CaseScores
             kd, base, seeds = _paired(results[baseline], result, split)
             if not seeds:
                 continue
-            teacher_mean = float(np.nanmean(teacher[split].mean_per_case)) if split in teacher else None
-            out.setdefault(split, {})[name] = (compare(kd, base, teacher_mean, num_resamples), seeds)
+            cases = results[baseline].scores[split][seeds[0]].cases
+            out.setdefault(split, {})[name] = TrainerComparison(
+                compare(kd, base, _teacher_per_case(teacher.get(split), cases)), seeds,
+                unpaired_runs(results[baseline], result, split))
     return out
 
 
@@ -140,11 +178,6 @@ def _model_costs(plan: StudyPlan, study: Path, results: dict[str, TrainerResult]
 
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
-
-
-def _gap(gap_closed: float | None) -> str:
-    # no gap to close where the teacher is not better than the baseline
-    return "n/a" if gap_closed is None or not np.isfinite(gap_closed) else f"{gap_closed * 100:.0f} %"
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -175,14 +208,74 @@ def _test_teacher_note(study: Path, fold: int) -> str:
             f"mirroring; on the validation fold it is fold {fold}'s network alone.")
 
 
-def format_markdown(plan: StudyPlan, study: Path, results: dict[str, TrainerResult], teacher: dict[str, CaseScores],
-                    compared: dict, costs: list[dict]) -> str:
+COMPARISON_LEGEND = (
+    "Paired by seed and case: Δ is the mean over seeds and cases of KD's Dice minus the baseline's. 95 % CI: seeds and "
+    "cases crossed (every run is scored on the same cases), a generalized confidence interval over the seed, case and "
+    "residual variance components (`nnunet_kd/tools/study_stats.py`); no interval from one seed. Claim: only with "
+    "{min_seeds} or more paired seeds and an interval that excludes 0. Gap closed: (KD − baseline) / (teacher − "
+    "baseline), given only where the teacher is clearly better than the baseline (that gap's own interval excludes 0). "
+    "Won / lost: (seed, case) pairs where KD's Dice is higher / lower by more than 0.001.")
+
+
+def dice_and_comparison_tables(plan: StudyPlan, results: dict[str, TrainerResult], teacher: dict[str, CaseScores],
+                               compared: dict[str, dict[str, TrainerComparison]]) -> list[str]:
+    """The Dice table and the KD-against-baseline table of every split: the part of the report that the per-case
+    CSV alone reproduces (`nnunet_kd study-report`)."""
+    from nnunet_kd.tools.study_stats import MIN_SEEDS_FOR_A_CLAIM
+
     baseline = plan.trainers[0]
     classes = teacher["validation"].classes
+    lines: list[str] = []
+    for split, title in SPLITS.items():
+        if split not in teacher:
+            continue
+        title = title.format(fold=plan.fold)
+        lines += [f"## Dice, {title}: {len(teacher[split].cases)} cases", "",
+                  "Mean ± standard deviation over seeds of each seed's mean over cases.", "",
+                  "| model | seeds | " + " | ".join(classes) + " | mean Dice |",
+                  "|---|---|" + "---|" * (len(classes) + 1)]
+        t = teacher[split]
+        lines.append("| teacher | - | " + " | ".join(_fmt(float(np.nanmean(t.dice[:, k]))) for k in range(len(classes)))
+                     + f" | {_fmt(float(np.nanmean(t.mean_per_case)))} |")
+        for name, result in results.items():
+            scores = list(result.scores.get(split, {}).values())
+            if not scores:
+                continue
+            per_class = [_mean_sd([float(np.nanmean(s.dice[:, k])) for s in scores]) for k in range(len(classes))]
+            mean = _mean_sd([float(np.nanmean(s.mean_per_case)) for s in scores])
+            lines.append(f"| {name}{' (baseline)' if name == baseline else ''} | {len(scores)} | "
+                         + " | ".join(per_class) + f" | {mean} |")
+        lines.append("")
+        if split not in compared:
+            continue
+        lines += [f"### KD against the baseline, {title}", "",
+                  COMPARISON_LEGEND.format(min_seeds=MIN_SEEDS_FOR_A_CLAIM), "",
+                  "| trainer | seeds | Δ mean Dice | 95 % CI | per seed Δ | claim | gap closed | won / lost / tied |",
+                  "|---|---|---|---|---|---|---|---|"]
+        notes = []
+        for name, comparison in compared[split].items():
+            c, seeds = comparison.result, comparison.seeds
+            lines.append(f"| {name} | {len(seeds)} | {c.mean_difference:+.4f} | {c.interval_text()} | "
+                         + ", ".join(f"{s}: {d:+.3f}" for s, d in zip(seeds, c.per_seed_difference))
+                         + f" | {c.claim} | {c.gap if c.gap is not None else 'n/a'} | "
+                         f"{c.wins} / {c.losses} / {c.ties} |")
+            if comparison.unpaired:
+                notes.append(f"{name}: compared over the seeds both finished ({', '.join(map(str, seeds))}); "
+                             f"left out, their partner has no {split} score yet: {', '.join(comparison.unpaired)}.")
+            if c.dropped_cases:
+                notes.append(f"{name}: {c.dropped_cases} case(s) not scored in every run (nothing to find) left out.")
+        fewest = min(len(comparison.seeds) for comparison in compared[split].values())
+        notes += [few_seeds_note(fewest)] if few_seeds_note(fewest) else []
+        lines += ["", *notes, ""] if notes else [""]
+    return lines
+
+
+def format_markdown(plan: StudyPlan, study: Path, results: dict[str, TrainerResult], teacher: dict[str, CaseScores],
+                    compared: dict, costs: list[dict]) -> str:
     schedule = (f"named schedule `{plan.schedule}`" if plan.schedule else
                 f"{plan.num_epochs or 'default'} epochs x {plan.iterations_per_epoch or 'default'} iterations")
     lines = [f"# KD study: {plan.dataset}, {plan.configuration}, student plans `{plan.plans}`", "",
-             f"Teacher `{Path(plan.teacher).name}`; baseline (no KD) `{baseline}`; seeds {list(plan.seeds)}; "
+             f"Teacher `{Path(plan.teacher).name}`; baseline (no KD) `{plan.trainers[0]}`; seeds {list(plan.seeds)}; "
              f"{schedule}; fold {plan.fold}; device {plan.device}. Each seed starts every trainer from the same "
              f"initial student weights." + (f" KD trainers learn from the stored teacher targets "
                                              f"`{Path(plan.teacher_targets).name}` (`nnunet_kd teacher-targets`)."
@@ -191,45 +284,7 @@ def format_markdown(plan: StudyPlan, study: Path, results: dict[str, TrainerResu
     machines = study_machines(study)
     if machines:
         lines += ["Trained on: " + "; ".join(machines), ""]
-    for split, title in SPLITS.items():
-        if split not in teacher:
-            continue
-        title = title.format(fold=plan.fold)
-        n_cases = len(teacher[split].cases)
-        lines += [f"## Dice, {title}: {n_cases} cases", "",
-                  "Mean ± standard deviation over seeds of each seed's mean over cases.", "",
-                  "| model | seeds | " + " | ".join(classes) + " | mean Dice |",
-                  "|---|---|" + "---|" * (len(classes) + 1)]
-        t = teacher[split]
-        lines.append("| teacher | - | " + " | ".join(_fmt(float(np.nanmean(t.dice[:, k]))) for k in range(len(classes)))
-                     + f" | {_fmt(float(np.nanmean(t.mean_per_case)))} |")
-        for name, result in results.items():
-            scores = result.scores.get(split, [])
-            if not scores:
-                continue
-            per_class = [_mean_sd([float(np.nanmean(s.dice[:, k])) for s in scores]) for k in range(len(classes))]
-            mean = _mean_sd([float(np.nanmean(s.mean_per_case)) for s in scores])
-            lines.append(f"| {name}{' (baseline)' if name == baseline else ''} | {len(scores)} | "
-                         + " | ".join(per_class) + f" | {mean} |")
-        lines.append("")
-        if split in compared:
-            lines += [f"### KD against the baseline, {title}", "",
-                      "Paired by seed and case. CI: 95 % hierarchical bootstrap (seeds, then cases within seeds). "
-                      "Gap closed: (KD − baseline) / (teacher − baseline) on mean Dice. Won / lost: (seed, case) "
-                      "pairs where KD's Dice is higher / lower by more than 0.001."
-                      + (f" With {n_seeds} seeds the bootstrap can draw only a few distinct seed sets, so the "
-                         f"interval is approximate: read it together with the per-seed differences."
-                         if (n_seeds := max(len(seeds) for _, seeds in compared[split].values())) < 5 else ""), "",
-                      "| trainer | seeds | Δ mean Dice | 95 % CI | per seed Δ | gap closed | won / lost / tied |",
-                      "|---|---|---|---|---|---|---|"]
-            for name, (c, seeds) in compared[split].items():
-                verdict = " **(CI excludes 0)**" if c.significant else ""
-                lines.append(f"| {name} | {len(seeds)} | {c.mean_difference:+.4f}{verdict} | "
-                             f"[{c.ci_low:+.4f}, {c.ci_high:+.4f}] | "
-                             + ", ".join(f"{s}: {d:+.3f}" for s, d in zip(seeds, c.per_seed_difference))
-                             + f" | {_gap(c.gap_closed)} | "
-                             f"{c.wins} / {c.losses} / {c.ties} |")
-            lines.append("")
+    lines += dice_and_comparison_tables(plan, results, teacher, compared)
     lines += ["## Every run", "",
               "Validation mean Dice per seed. *still improving*: nnU-Net's EMA pseudo Dice rose by more than 0.01 over "
               "the last 20 % of the epochs, so the run had not converged; *X not learned*: class X has Dice below 0.05 "
@@ -242,13 +297,12 @@ def format_markdown(plan: StudyPlan, study: Path, results: dict[str, TrainerResu
             if seed not in result.seeds:
                 cells.append("not run yet")
                 continue
-            i = result.seeds.index(seed)
-            scores = result.scores["validation"][i]
+            scores = result.scores["validation"][seed]
             value = float(np.nanmean(scores.mean_per_case))
             # a class the teacher finds but this run never learned (nnU-Net's all-background start, not left)
             missed = [c for k, c in enumerate(scores.classes)
                       if np.nanmean(scores.dice[:, k]) < 0.05 <= np.nanmean(teacher["validation"].dice[:, k])]
-            flags = (" *still improving*" if result.improving[i] else "") + \
+            flags = (" *still improving*" if result.improving.get(seed) else "") + \
                 (f" *{', '.join(missed)} not learned*" if missed else "")
             cells.append(f"{value:.3f}{flags}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -272,7 +326,11 @@ def format_markdown(plan: StudyPlan, study: Path, results: dict[str, TrainerResu
     return "\n".join(lines)
 
 
+CSV_FILE = "per_case_dice.csv"
+
+
 def write_csv(path: Path, results: dict[str, TrainerResult], teacher: dict[str, CaseScores]) -> None:
+    """Every per-case Dice of the study, one row per (split, model, seed, case): what its tables are computed from."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         classes = teacher["validation"].classes
@@ -282,9 +340,32 @@ def write_csv(path: Path, results: dict[str, TrainerResult], teacher: dict[str, 
                 writer.writerow([split, "teacher", "", case, *[f"{v:.6f}" for v in row], f"{mean:.6f}"])
         for name, result in results.items():
             for split, per_seed in result.scores.items():
-                for seed, scores in zip(result.seeds, per_seed):
+                for seed, scores in per_seed.items():
                     for case, row, mean in zip(scores.cases, scores.dice, scores.mean_per_case):
                         writer.writerow([split, name, seed, case, *[f"{v:.6f}" for v in row], f"{mean:.6f}"])
+
+
+def read_csv(path: Path, trainers: tuple[str, ...]) -> tuple[dict[str, TrainerResult], dict[str, CaseScores]]:
+    """The per-case Dice `write_csv` wrote, back as the trainers' results and the teacher's scores."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    header, rows = rows[0], rows[1:]
+    class_columns = [i for i, name in enumerate(header) if name.startswith("dice_")]
+    classes = [header[i].removeprefix("dice_") for i in class_columns]
+    grouped: dict[tuple[str, str, str], list[list[str]]] = {}
+    for row in rows:
+        grouped.setdefault((row[0], row[1], row[2]), []).append(row)
+
+    def scores(group: list[list[str]]) -> CaseScores:
+        return CaseScores([r[3] for r in group], classes,
+                          np.array([[float(r[i]) for i in class_columns] for r in group], dtype=float))
+
+    teacher = {split: scores(group) for (split, model, _), group in grouped.items() if model == "teacher"}
+    results = {t: TrainerResult(t) for t in trainers}
+    for (split, model, seed), group in grouped.items():
+        if model != "teacher":
+            results.setdefault(model, TrainerResult(model)).scores.setdefault(split, {})[int(seed)] = scores(group)
+    return results, teacher
 
 
 def plot(path: Path, plan: StudyPlan, results: dict[str, TrainerResult], teacher: dict[str, CaseScores]) -> None:
@@ -311,7 +392,7 @@ def plot(path: Path, plan: StudyPlan, results: dict[str, TrainerResult], teacher
     ax = axes[0][-1]
     per_seed: dict[int, list[tuple[int, float]]] = {}
     for x, result in enumerate(results.values()):
-        for seed, scores in zip(result.seeds, result.scores.get("validation", [])):
+        for seed, scores in result.scores.get("validation", {}).items():
             per_seed.setdefault(seed, []).append((x, float(np.nanmean(scores.mean_per_case))))
     for k, (seed, points) in enumerate(sorted(per_seed.items())):  # a line joins the runs of one seed
         ax.plot(*zip(*points), marker="o", color=colours(k % 10), lw=0.8, label=f"seed {seed}")
@@ -326,43 +407,80 @@ def plot(path: Path, plan: StudyPlan, results: dict[str, TrainerResult], teacher
     plt.close(fig)
 
 
-def write_report(plan: StudyPlan, study: Path, time_cases: int = 3, num_resamples: int = 10000) -> Path:
+def _comparison_json(compared: dict[str, dict[str, TrainerComparison]]) -> dict:
+    return {split: {name: {"seeds": c.seeds, "mean_difference": c.result.mean_difference,
+                           "ci95": list(c.result.ci) if c.result.ci else None,
+                           "per_seed_difference": list(c.result.per_seed_difference), "claim": c.result.claim,
+                           "gap_closed": c.result.gap.share if c.result.gap else None,
+                           "won_lost_tied": [c.result.wins, c.result.losses, c.result.ties], "unpaired": c.unpaired}
+                    for name, c in by_trainer.items()}
+            for split, by_trainer in compared.items()}
+
+
+def write_report(plan: StudyPlan, study: Path, time_cases: int = 3) -> Path:
     results, teacher, _ = collect(plan, study)
-    compared = comparisons(results, teacher, plan.trainers[0], num_resamples)
+    compared = comparisons(results, teacher, plan.trainers[0])
     costs = _model_costs(plan, study, results, time_cases) if time_cases > 0 else []
     markdown = format_markdown(plan, study, results, teacher, compared, costs)
     (study / "report.md").write_text(markdown)
-    write_csv(study / "per_case_dice.csv", results, teacher)
-    summary = {split: {name: {"seeds": seeds, "mean_difference": c.mean_difference, "ci95": [c.ci_low, c.ci_high],
-                              "per_seed_difference": list(c.per_seed_difference), "gap_closed": c.gap_closed,
-                              "won_lost_tied": [c.wins, c.losses, c.ties]}
-                       for name, (c, seeds) in by_trainer.items()}
-               for split, by_trainer in compared.items()}
-    (study / "comparison.json").write_text(json.dumps({"plan": plan.to_json(), "comparisons": summary,
-                                                       "costs": costs}, indent=2))
+    write_csv(study / CSV_FILE, results, teacher)
+    record = {"plan": plan.to_json(), "comparisons": _comparison_json(compared), "costs": costs}
+    (study / "comparison.json").write_text(json.dumps(record, indent=2))
     plot(study / "study.png", plan, results, teacher)
     print(markdown, flush=True)
     return study / "report.md"
 
 
-def compare_studies(reference: Path, other: Path, trainers: list[str] | None = None,
-                    num_resamples: int = 10000) -> str:
+def load_study(source: Path) -> tuple[StudyPlan, dict[str, TrainerResult], dict[str, CaseScores]]:
+    """A study's plan, results and teacher scores, from its folder (nnU-Net's summaries) or from a published copy
+    (`study.json` and `per_case_dice.csv` only, as `publish` writes them)."""
+    plan = load_plan(source)
+    if (source / "runs").is_dir():
+        results, teacher, _ = collect(plan, source.resolve())
+        return plan, results, teacher
+    if not (source / CSV_FILE).is_file():
+        raise KDConfigurationError(f"{source} holds neither a study's runs nor its {CSV_FILE}: give a study folder "
+                                   f"(nnunet_kd study -o) or a folder `nnunet_kd study-report --publish` wrote.")
+    return plan, *read_csv(source / CSV_FILE, plan.trainers)
+
+
+def study_tables(source: Path) -> str:
+    """The Dice and KD-against-baseline tables of a study, recomputed from its per-case Dice."""
+    plan, results, teacher = load_study(source)
+    return "\n".join(dice_and_comparison_tables(plan, results, teacher, comparisons(results, teacher,
+                                                                                    plan.trainers[0]))).rstrip() + "\n"
+
+
+def publish(study: Path, destination: Path) -> Path:
+    """Copy what a published table is computed from (plan and per-case Dice, a few kB) out of a study folder, with the
+    tables as they are recomputed from the copy."""
+    import shutil
+
+    plan, results, teacher = load_study(study)
+    destination.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(study / STUDY_FILE, destination / STUDY_FILE)
+    write_csv(destination / CSV_FILE, results, teacher)
+    (destination / TABLES_FILE).write_text(study_tables(destination))
+    return destination / TABLES_FILE
+
+
+def compare_studies(reference: Path, other: Path, trainers: list[str] | None = None) -> str:
     """The same trainers in two studies that differ in one setting (e.g. online vs stored-target KD), paired by seed
-    (the same initial weights) and case: other minus reference, with the hierarchical bootstrap interval."""
-    plans = [load_plan(study) for study in (reference, other)]
-    mismatched = [k for k in PAIRING_FIELDS if getattr(plans[0], k) != getattr(plans[1], k)]
+    (the same initial weights) and case: other minus reference, with the crossed seeds x cases interval. Either may
+    be a study folder or a published copy of one."""
+    (ref_plan, ref_results, _), (other_plan, other_results, _) = load_study(reference), load_study(other)
+    mismatched = [k for k in PAIRING_FIELDS if getattr(ref_plan, k) != getattr(other_plan, k)]
     if mismatched:
         raise KDConfigurationError(f"The studies differ in {mismatched}: their runs are not paired. Compare studies "
                                    f"of the same dataset, plans, fold and schedule.")
-    differing = {k: (v, getattr(plans[1], k)) for k, v in vars(plans[0]).items()
-                 if k not in (*PAIRING_FIELDS, "trainers", "seeds", "device") and getattr(plans[1], k) != v}
-    (ref_results, _, _), (other_results, _, _) = (collect(plans[0], reference.resolve()),
-                                                  collect(plans[1], other.resolve()))
-    names = trainers or [t for t in plans[1].trainers[1:] if t in plans[0].trainers]
+    differing = {k: (v, getattr(other_plan, k)) for k, v in vars(ref_plan).items()
+                 if k not in (*PAIRING_FIELDS, "trainers", "seeds", "device") and getattr(other_plan, k) != v}
+    names = trainers or [t for t in other_plan.trainers[1:] if t in ref_plan.trainers]
     lines = [f"Paired by seed and case: `{other}` minus `{reference}`. The studies differ in: "
              + (", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in differing.items()) or "nothing recorded") + ".", "",
-             "| trainer | split | seeds | reference mean Dice | other mean Dice | Δ | 95 % CI | per seed Δ | "
-             "won / lost / tied |", "|---|---|---|---|---|---|---|---|---|"]
+             "| trainer | split | seeds | reference mean Dice | other mean Dice | Δ | 95 % CI | per seed Δ | claim | "
+             "won / lost / tied |", "|---|---|---|---|---|---|---|---|---|---|"]
+    notes = []
     for name in names:
         if name not in ref_results or name not in other_results:
             raise KDConfigurationError(f"{name} is not in both studies ({list(ref_results)}, {list(other_results)}).")
@@ -370,9 +488,14 @@ def compare_studies(reference: Path, other: Path, trainers: list[str] | None = N
             other_dice, reference_dice, seeds = _paired(ref_results[name], other_results[name], split)
             if not seeds:
                 continue
-            c = compare(other_dice, reference_dice, None, num_resamples)
+            c = compare(other_dice, reference_dice)
             per_seed = ", ".join(f"{s}: {d:+.3f}" for s, d in zip(seeds, c.per_seed_difference))
             lines.append(f"| {name} | {split} | {len(seeds)} | {np.nanmean(reference_dice):.3f} | "
-                         f"{np.nanmean(other_dice):.3f} | {c.mean_difference:+.4f} | "
-                         f"[{c.ci_low:+.4f}, {c.ci_high:+.4f}] | {per_seed} | {c.wins} / {c.losses} / {c.ties} |")
-    return "\n".join(lines)
+                         f"{np.nanmean(other_dice):.3f} | {c.mean_difference:+.4f} | {c.interval_text()} | "
+                         f"{per_seed} | {c.claim.replace('KD', 'other')} | {c.wins} / {c.losses} / {c.ties} |")
+            unpaired = unpaired_runs(ref_results[name], other_results[name], split)
+            if unpaired:
+                notes.append(f"{name}, {split}: left out, their partner has no score yet: {', '.join(unpaired)}.")
+            if few_seeds_note(len(seeds)) and few_seeds_note(len(seeds)) not in notes:
+                notes.append(few_seeds_note(len(seeds)))
+    return "\n".join(lines + ([""] + notes if notes else []))
