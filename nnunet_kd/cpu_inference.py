@@ -12,8 +12,11 @@ from torch import nn
 
 
 def _use_onednn(x: torch.Tensor, conv: nn.Module) -> bool:
-    # only where the heuristic goes wrong and oneDNN is a drop-in: CPU float32 inference, zero padding
+    # only where the heuristic goes wrong and oneDNN is a drop-in: CPU float32 inference, zero padding. Not while
+    # torch.compile traces the network (nnUNet_compile=t): dynamo cannot trace the raw oneDNN op on CPU tensors
+    # ("itensor_view_from_dense expects CPU tensor input"), and the compiled graph picks its own convolution kernels
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
             and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 

@@ -55,3 +55,15 @@ def test_training_keeps_pytorchs_own_path_and_gradients():
             assert p.grad is None, name
         else:
             assert torch.allclose(p.grad, q.grad, atol=1e-4), name
+
+
+def test_torch_compile_traces_the_stock_convolution():
+    # nnUNet_compile=t: dynamo cannot trace the raw oneDNN op on CPU tensors ("itensor_view_from_dense expects CPU
+    # tensor input"), so while compiling the network takes PyTorch's own convolution. backend="eager" runs dynamo's
+    # tracing, where the error was, without inductor's slow C++ build
+    network = use_onednn_convolutions(_narrow_unet(3))
+    x = torch.randn(1, 1, 16, 20, 24)
+    with torch.no_grad():
+        expected = network(x)
+        compiled = torch.compile(network, backend="eager")(x)
+    torch.testing.assert_close(compiled, expected, rtol=1e-4, atol=1e-5)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import DATASET_ID, STUDENT_PLANS, copy_model_folder, edit_json
+from conftest import DATASET, DATASET_ID, STUDENT_PLANS, copy_model_folder, edit_json
 
 from nnunet_kd.checkpoints import count_weights
 from nnunet_kd.checkpoints import load_checkpoint as _checkpoint
@@ -279,6 +279,23 @@ def test_teacher_loads_with_nnunet_compile_set(workspace, teacher_3d, monkeypatc
         compiled = load_teacher(spec, torch.device("cpu")).module
         x = torch.randn(1, 1, 24, 32, 32)
         assert torch.equal(compiled(x), plain(x))
+
+
+def test_students_predict_and_train_with_nnunet_compile_set(workspace, teacher_3d, kd_student_3d, tmp_path):
+    """nnU-Net compiles by default on a GPU and many users export nnUNet_compile=t: stock prediction compiles the
+    student even on the CPU, and training (which nnU-Net never compiles on the CPU) loads the teacher through nnU-Net's
+    predictor, which compiles it."""
+    compile_env = {"nnUNet_compile": "t"}
+    out = tmp_path / "predictions"
+    workspace.run("nnUNetv2_predict", "-i", str(workspace.raw / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID),
+                  "-c", "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerKDLogits_debug", "-p", STUDENT_PLANS,
+                  "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1", env=compile_env)
+    assert len(list(out.glob("*.nii.gz"))) == len(list((workspace.raw / "imagesTs").glob("*_0000.nii.gz")))
+    # a KD student taught by the KD student (oneDNN convolutions in the teacher too), in a results folder of its own
+    results = tmp_path / "results"
+    workspace.train("nnUNetTrainerKDLogits_debug", 0, STUDENT_PLANS,
+                    env={**compile_env, "nnUNet_results": str(results), "nnUNet_KD_teacher": str(kd_student_3d)})
+    assert (results / DATASET / kd_student_3d.name / "fold_0" / "checkpoint_final.pth").is_file()
 
 
 def test_resume_refuses_a_changed_teacher(workspace, teacher_3d, kd_student_3d, tmp_path, monkeypatch):

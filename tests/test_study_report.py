@@ -11,7 +11,7 @@ import torch
 
 from nnunet_kd.tools.cli import main
 from nnunet_kd.tools.study import STUDY_FILE, Run, StudyPlan, save_or_check_plan
-from nnunet_kd.tools.study_report import collect, comparisons, publish, study_tables
+from nnunet_kd.tools.study_report import collect, comparisons, study_tables
 
 BASELINE, KD = "nnUNetTrainerStudent", "nnUNetTrainerKDLogits"
 CASES = [f"case_{i:02d}" for i in range(6)]
