@@ -88,6 +88,13 @@ class nnUNetTrainerKDBarlowTwins(nnUNetTrainerKDRun):
             self.configuration_manager = self.plans_manager.get_configuration(self.configuration_name)
         super().initialize()
 
+    def get_training_transforms(self, *args, **kwargs):
+        # the loader carries every channel (the student's are taken in train_step), so the mask step of nnU-Net's
+        # augmentation must follow the dataset's channels, not the student's shorter use_mask_for_norm list
+        kwargs["use_mask_for_norm"] = PlansManager(self.teacher_plans).get_configuration(
+            self.configuration_name).use_mask_for_norm
+        return super().get_training_transforms(*args, **kwargs)
+
     def _do_i_compile(self) -> bool:
         # hooks added to a compiled network are not traced, and the teacher is a second network: stay eager
         return False

@@ -45,8 +45,20 @@ def generate_multimodal_case(rng: np.random.Generator, spec: SyntheticSpec) -> t
 
 
 def write_multimodal_dataset(raw_folder: str | Path, dataset_id: int = 910, name: str = "KDSyntheticMultiModal",
-                             spec: SyntheticSpec = SyntheticSpec()) -> Path:
-    """Write `Dataset{id}_{name}` (imagesTr/labelsTr/imagesTs/labelsTs, 4 channels) and dataset.json."""
-    return write_generated_dataset(raw_folder, dataset_id, name, spec, generate_multimodal_case, CHANNEL_NAMES,
+                             spec: SyntheticSpec = SyntheticSpec(), zero_border: int = 0) -> Path:
+    """Write `Dataset{id}_{name}` (imagesTr/labelsTr/imagesTs/labelsTs, 4 channels) and dataset.json.
+
+    `zero_border`: voxels of zeros around every case in every channel, like skull-stripped MR in a larger field of
+    view. Where that makes the non-zero box much smaller than the image, nnU-Net crops to it and normalises inside
+    the mask (its plans' `use_mask_for_norm`), and its augmentation sets the outside back to zero.
+    """
+    def generate(rng: np.random.Generator, spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray]:
+        images, seg = generate_multimodal_case(rng, spec)
+        if zero_border:
+            images = np.pad(images, [(0, 0)] + [(zero_border, zero_border)] * 3)
+            seg = np.pad(seg, zero_border)
+        return images, seg
+
+    return write_generated_dataset(raw_folder, dataset_id, name, spec, generate, CHANNEL_NAMES,
                                    f"nnunet-kd generated 4-modality dataset, seed {spec.seed}; a student on "
                                    f"{STUDENT_CHANNELS} lacks T2, which shows the lesions")
