@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -17,9 +18,7 @@ from torch import nn
 
 from nnunet_kd.cpu_inference import build_network_with_onednn
 from nnunet_kd.errors import KDConfigurationError
-from nnunet_kd.settings import ENV_PREFIX
-
-ENV_STUDENT_CHANNELS = ENV_PREFIX + "student_channels"
+from nnunet_kd.settings import ENV_STUDENT_CHANNELS
 
 
 def channel_names(dataset_json: dict) -> list[str]:
@@ -209,3 +208,127 @@ def subset_preprocessing_difference(image_files: list[str], plans: dict, configu
             "same_crop": same_shape and [list(b) for b in full_box] == [list(b) for b in sub_box],
             "max_abs_difference": float(np.abs(full - sub).max()) if same_shape else None,
             "fraction_differing": float((np.abs(full - sub) > 1e-4).mean()) if same_shape else None}
+
+
+class StudentChannelsMixin:
+    """For an nnUNetTrainer whose network sees only some of the dataset's channels (`nnUNet_KD_student_channels`).
+
+    nnU-Net's loader keeps reading the dataset's preprocessed cases with every channel (a teacher needs them all);
+    the student's plans and dataset.json replace the dataset's before nnU-Net builds the network, so its model folder
+    describes only the student's channels and stock `nnUNetv2_predict` takes just those files. `student_input` takes
+    the student's channels from a full-channel batch; validation does the same. On `--c` or `--val` the model folder's
+    dataset.json names the channels the checkpoint was built for, whatever the environment says now.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, *args, **kwargs):
+        super().__init__(plans, configuration, fold, dataset_json, *args, **kwargs)
+        self.full_plans, self.full_dataset_json = plans, dataset_json
+        self.channels: ChannelSelection | None = None
+        self.channels_request: str | None = os.environ.get(ENV_STUDENT_CHANNELS) or None
+        if self.channels_request:
+            select_channels(dataset_json, self.channels_request)  # a wrong name fails before nnU-Net's log file
+
+    @property
+    def full_plans_manager(self):
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        return PlansManager(self.full_plans)
+
+    @property
+    def full_configuration_manager(self):
+        return self.full_plans_manager.get_configuration(self.configuration_name)
+
+    @property
+    def num_dataset_channels(self) -> int:
+        return len(channel_names(self.full_dataset_json))
+
+    @property
+    def num_loader_channels(self) -> int:
+        """Image channels of a training batch: the dataset's (and a cascade's previous-stage channels)."""
+        skipped = self.num_dataset_channels - len(self.channels.indices) if self.channels is not None else 0
+        return self.num_input_channels + skipped
+
+    def initialize(self):
+        if not self.was_initialized and self.channels_request:
+            from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+            self.channels = select_channels(self.full_dataset_json, self.channels_request)
+            self.dataset_json = student_dataset_json(self.full_dataset_json, self.channels)
+            self.plans_manager = PlansManager(student_plans(self.full_plans, self.channels))
+            self.configuration_manager = self.plans_manager.get_configuration(self.configuration_name)
+        super().initialize()
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        recorded = Path(self.output_folder_base) / "dataset.json"
+        if not self.was_initialized and recorded.is_file():
+            names = channel_names(json.loads(recorded.read_text()))
+            request = ",".join(names) if names != channel_names(self.full_dataset_json) else None
+            if request != self.channels_request:
+                self.print_to_log_file(f"Continuing with the input channels this model was trained on ({recorded}): "
+                                       f"{request or 'all'}; the environment asked for {self.channels_request or 'all'}"
+                                       f".", also_print_to_console=True)
+            self.channels_request = request
+        super().load_checkpoint(filename_or_checkpoint)
+
+    def get_training_transforms(self, *args, **kwargs):
+        # the loader carries every channel, so the mask step of nnU-Net's augmentation follows the dataset's channels,
+        # not the student's shorter use_mask_for_norm list (that masked T1/T2 for a FLAIR/T1CE student)
+        if self.channels is not None:
+            kwargs["use_mask_for_norm"] = self.full_configuration_manager.use_mask_for_norm
+        return super().get_training_transforms(*args, **kwargs)
+
+    def student_input(self, data):
+        """The student's channels of a full-channel batch (a cascade's previous-stage channels follow them)."""
+        if self.channels is None:
+            return data
+        import torch
+
+        extra = data[:, self.num_dataset_channels:]
+        student = data[:, list(self.channels.indices)]
+        return torch.cat([student, extra], 1) if extra.shape[1] else student
+
+    def train_step(self, batch: dict) -> dict:
+        # nnU-Net's own step (a plain student); KD trainers take the channels in their own step, beside the teacher
+        return super().train_step({**batch, "data": self.student_input(batch["data"])})
+
+    def validation_step(self, batch: dict) -> dict:
+        return super().validation_step({**batch, "data": self.student_input(batch["data"])})
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        # the validation cases are the preprocessed full-channel ones: feed the student its channels only
+        if self.channels is None:
+            return super().perform_actual_validation(save_probabilities)
+        student = self.network
+        self.network = SelectChannels(student, self.channels.indices)
+        try:
+            return super().perform_actual_validation(save_probabilities)
+        finally:
+            self.network = student
+
+    def channel_crop_problems(self, num_cases: int = 2) -> list[str]:
+        """Where nnU-Net's preprocessing of the student's own files (at prediction) crops differently from the
+        full-channel cases it trains on (`subset_preprocessing_difference`), on the first training cases; [] if the
+        raw dataset is not at hand."""
+        from nnunetv2.paths import nnUNet_raw
+
+        if self.channels is None or not nnUNet_raw.is_set():
+            return []
+        images = Path(nnUNet_raw) / self.plans_manager.dataset_name / "imagesTr"
+        ending = self.full_dataset_json["file_ending"]
+        problems = []
+        for case in self.do_split()[0][:num_cases]:
+            files = [images / f"{case}_{c:04d}{ending}" for c in range(self.num_dataset_channels)]
+            if not all(f.is_file() for f in files):
+                return []
+            difference = subset_preprocessing_difference([str(f) for f in files], self.full_plans,
+                                                         self.configuration_name, self.full_dataset_json,
+                                                         self.channels)
+            if not difference["same_crop"]:
+                problems.append(f"case {case}: the student's channels alone crop to {difference['crop_subset']}, all "
+                                f"channels to {difference['crop_full']}")
+        return problems
+
+    def warn_about_channel_crops(self) -> None:
+        for problem in self.channel_crop_problems():
+            self.print_to_log_file(f"WARNING: at prediction the student's own files crop differently from the "
+                                   f"full-channel cases it trains on ({problem}).", also_print_to_console=True)

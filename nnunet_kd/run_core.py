@@ -25,6 +25,7 @@ from torch import distributed as dist
 from nnunet_kd import __version__
 from nnunet_kd.checkpoints import load_checkpoint
 from nnunet_kd.errors import KDConfigurationError
+from nnunet_kd.modalities import StudentChannelsMixin
 from nnunet_kd.progress import KDLocalLogger
 from nnunet_kd.schedule import apply_schedule_from_environment
 from nnunet_kd.seeding import seed_from_environment
@@ -46,8 +47,9 @@ def kd_state_file(checkpoint_file: str) -> str:
     return checkpoint_file.removesuffix(".pth") + KD_STATE_SUFFIX
 
 
-class nnUNetTrainerKDRun(nnUNetTrainer):
-    """The shared core; a method adds its settings (`kd_defaults`), its loss parts and its step."""
+class nnUNetTrainerKDRun(StudentChannelsMixin, nnUNetTrainer):
+    """The shared core; a method adds its settings (`kd_defaults`), its loss parts and its step. Every method may
+    train a student on fewer channels than the dataset has (`StudentChannelsMixin`)."""
 
     kd_defaults: ClassVar[BaseKDSettings]
     # what train_step returns besides 'loss'; each is logged per epoch as 'train_<part>' and drawn in progress.png

@@ -22,6 +22,8 @@ ENV_TEACHER = ENV_PREFIX + "teacher"
 ENV_TEACHER_FOLDS = ENV_PREFIX + "teacher_folds"
 ENV_TEACHER_CHECKPOINT = ENV_PREFIX + "teacher_checkpoint"
 ENV_TEACHER_TARGETS = ENV_PREFIX + "teacher_targets"
+# the student's input channels by name, when it sees fewer than the dataset has (nnunet_kd.modalities)
+ENV_STUDENT_CHANNELS = ENV_PREFIX + "student_channels"
 ENV_SEED = ENV_PREFIX + "seed"
 ENV_NUM_EPOCHS = ENV_PREFIX + "num_epochs"
 ENV_ITERATIONS_PER_EPOCH = ENV_PREFIX + "iterations_per_epoch"
@@ -30,7 +32,7 @@ ENV_VAL_ITERATIONS_PER_EPOCH = ENV_PREFIX + "val_iterations_per_epoch"
 SCHEDULE_VARIABLES = {ENV_NUM_EPOCHS: "num_epochs", ENV_ITERATIONS_PER_EPOCH: "num_iterations_per_epoch",
                       ENV_VAL_ITERATIONS_PER_EPOCH: "num_val_iterations_per_epoch"}
 RUN_VARIABLES = (ENV_TEACHER, ENV_TEACHER_FOLDS, ENV_TEACHER_CHECKPOINT, ENV_TEACHER_TARGETS, ENV_SEED,
-                 *SCHEDULE_VARIABLES)
+                 ENV_STUDENT_CHANNELS, *SCHEDULE_VARIABLES)
 
 
 def _require(condition: bool, message: str) -> None:

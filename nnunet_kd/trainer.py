@@ -6,6 +6,10 @@ student, rebuilt from the plans by the inherited static `build_network_architect
 `nnUNet_KD_teacher_targets` no teacher is loaded: the teacher's stored outputs come with each batch through nnU-Net's
 data loader and augmentation (`nnunet_kd.teacher_targets`). The run's bookkeeping (seed, settings, run record,
 resume, loss-part logging) is the shared core's (`nnunet_kd.run_core`).
+
+With `nnUNet_KD_student_channels` the student sees only some of the dataset's channels (privileged-modality KD): the
+teacher, trained on every channel, gets all of them of the same augmented patch (or its stored targets, computed
+once on all channels), the student its own (`nnunet_kd.modalities.StudentChannelsMixin`).
 """
 from __future__ import annotations
 
@@ -108,8 +112,11 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
         """Check the stored targets against this run (before any step), build the KD terms; the run record's
         sections."""
         targets = StoredTargets.locate(self.targets_request, self.preprocessed_dataset_folder_base)
-        problems = targets.problems(self.plans_manager, self.configuration_name, self.configuration_manager,
-                                    self.dataset_json, self.do_split()[0])
+        problems = targets.problems(self.full_plans_manager, self.configuration_name, self.full_configuration_manager,
+                                    self.full_dataset_json, self.do_split()[0])
+        problems += [f"the targets were computed from every channel's crop, but at prediction the student's own "
+                     f"files crop differently ({p}): it would predict on other voxels than it learned from; train "
+                     f"on channels whose zero regions agree, or distil online" for p in self.channel_crop_problems()]
         changed = targets.changed_teacher_checkpoints()
         if changed:
             problems.append(f"the teacher checkpoint(s) {changed} changed since the targets were written; write them "
@@ -154,8 +161,10 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
     def load_frozen_teacher(self) -> None:
         """Load the teacher, refuse it if it would see other voxels or mean other things, build the KD terms."""
         teacher = load_teacher(self.teacher_spec, self.device, self.teacher_deep_supervision)
+        # the teacher reads the loader's cases, which have every channel of the dataset whatever the student sees
         problems = compatibility_problems(teacher.plans_manager, teacher.configuration_manager, teacher.dataset_json,
-                                          self.plans_manager, self.configuration_manager, self.dataset_json)
+                                          self.full_plans_manager, self.full_configuration_manager,
+                                          self.full_dataset_json)
         if problems:
             raise KDConfigurationError(f"The teacher {self.teacher_spec.model_folder} cannot teach this student "
                                        f"({self.plans_manager.plans_name}, {self.configuration_name}):\n  - "
@@ -163,6 +172,7 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
         self.teacher = teacher.module
         self._loaded_teacher = teacher
         self.set_kd_terms()
+        self.warn_about_channel_crops()
 
     def set_kd_terms(self) -> None:
         self.kd_terms = self.build_kd_terms(self.output_activation, self.num_outputs)
@@ -206,7 +216,8 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
     def student_record(self) -> dict:
         return {"plans": self.plans_manager.plans_name, "configuration": self.configuration_name,
                 "patch_size": list(self.configuration_manager.patch_size),
-                "num_parameters": sum(p.numel() for p in self.network.parameters())}
+                "num_parameters": sum(p.numel() for p in self.network.parameters()),
+                "channels": self.channels.to_json() if self.channels is not None else None}
 
     def kd_record_extras(self) -> dict:
         """What a trainer adds to kd_settings.json besides the settings, the loss, the teacher and the student."""
@@ -247,14 +258,15 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
         transforms = super().get_training_transforms(*args, **kwargs)
         if self.stored_targets is None:
             return transforms
-        return with_stored_targets(transforms, len(self.dataset_json["channel_names"]))
+        return with_stored_targets(transforms, self.num_dataset_channels)
 
     def inputs_and_targets(self, batch: dict) -> tuple[torch.Tensor, object, torch.Tensor | None]:
-        """The batch on the device: image, labels, and the stored teacher targets (None: the teacher runs online)."""
+        """The batch on the device: image (every channel the loader carries: the teacher's input; `student_input`
+        takes the student's), labels, and the stored teacher targets (None: the teacher runs online)."""
         data, target = batch_to_device(batch, self.device)
         if self.stored_targets is None:
             return data, target, None
-        data, stored = split_batch(data, self.num_input_channels)
+        data, stored = split_batch(data, self.num_loader_channels)
         return data, target, stored
 
     def teacher_output(self, data: torch.Tensor, stored: torch.Tensor | None, like):
@@ -267,7 +279,7 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
 
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            output = self.network(data)
+            output = self.network(self.student_input(data))
             teacher_output = self.teacher_output(data, stored, output)
             parts = {"seg_loss": self.loss(output, target)}
             parts.update({name: module(output, teacher_output) for name, (module, _) in self.kd_terms.items()})

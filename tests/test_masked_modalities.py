@@ -3,12 +3,16 @@ every channel, so nnU-Net's augmentation must mask the dataset's channels, not t
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
+import SimpleITK as sitk
 from conftest import Workspace, _clean_environment
 
 from nnunet_kd.data.synthetic import SyntheticSpec
 from nnunet_kd.data.synthetic_multimodal import write_multimodal_dataset
+from nnunet_kd.errors import KDConfigurationError
 
 DATASET_ID = 933
 DATASET = f"Dataset{DATASET_ID}_KDSyntheticMasked"
@@ -46,3 +50,97 @@ def test_barlow_twins_masks_every_channel_the_dataset_masks(masked_workspace, mo
     assert trainer.configuration_manager.use_mask_for_norm == [True, True]  # the student's plans, 2 channels
     # every channel of the full-channel patch, not channels 0 and 1 only (T1 and T2, which the student never sees)
     assert _mask_step_channels(trainer) == [0, 1, 2, 3]
+
+
+# ---- privileged-modality KD: a FLAIR + T1CE student distilled from a frozen teacher trained on all four channels ----
+TEACHER = "nnUNetTrainer_debug__nnUNetPlans__3d_fullres"
+CHANNELS = {"nnUNet_KD_student_channels": "FLAIR,T1CE"}
+
+
+def _model(ws: Workspace, trainer: str) -> Path:
+    return ws.root / "results" / DATASET / f"{trainer}__nnUNetPlans__3d_fullres"
+
+
+def _train(ws: Workspace, trainer: str, env: dict, *extra: str):
+    return ws.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu", *extra,
+                  env=env)
+
+
+@pytest.fixture(scope="module")
+def full_channel_teacher(masked_workspace) -> Path:
+    _train(masked_workspace, "nnUNetTrainer_debug", {})
+    return _model(masked_workspace, "nnUNetTrainer_debug")
+
+
+@pytest.fixture(scope="module")
+def stored_targets(masked_workspace, full_channel_teacher) -> str:
+    masked_workspace.run("nnunet_kd", "teacher-targets", str(DATASET_ID), "-c", "3d_fullres", "--teacher", TEACHER,
+                         "-f", "0", "--disable_tta", "-device", "cpu")
+    return f"{TEACHER}__f0__nomirror"
+
+
+def _student_channels(model: Path) -> dict:
+    return json.loads((model / "dataset.json").read_text())["channel_names"]
+
+
+@pytest.mark.parametrize("trainer, stored", [
+    ("nnUNetTrainerStudent_debug", False),  # the plain baseline on the same channels of the same cases
+    ("nnUNetTrainerKDLogits_debug", False),  # online: the teacher gets all channels of the augmented patch
+    ("nnUNetTrainerKDLogits_debug", True),  # from targets computed once on all channels
+    ("nnUNetTrainerKDGrowingAssistant_debug", False),
+])
+def test_fewer_channel_student_trains_resumes_and_predicts_from_its_own_files(
+        masked_workspace, full_channel_teacher, stored_targets, trainer, stored, tmp_path):
+    env = {**CHANNELS, "nnUNet_KD_teacher": TEACHER, "nnUNet_KD_seed": "0"}
+    if stored:
+        env["nnUNet_KD_teacher_targets"] = stored_targets
+    results = tmp_path / "results"  # each case trains into a results folder of its own
+    (results / DATASET).mkdir(parents=True)
+    shutil.copytree(full_channel_teacher, results / DATASET / TEACHER)
+    env["nnUNet_results"] = str(results)
+    _train(masked_workspace, trainer, env)
+    model = results / DATASET / f"{trainer}__nnUNetPlans__3d_fullres"
+    assert _student_channels(model) == {"0": "FLAIR", "1": "T1CE"}
+    assert (model / "fold_0" / "validation" / "summary.json").is_file()
+    if trainer != "nnUNetTrainerStudent_debug":
+        record = json.loads((model / "fold_0" / "kd_settings.json").read_text())
+        assert record["student"]["channels"]["indices"] == [2, 3]
+        assert ("teacher_targets" in record) == stored
+    # --c with the variable unset: the model folder says which channels the checkpoint was built for
+    resumed = _train(masked_workspace, trainer, {k: v for k, v in env.items() if k != "nnUNet_KD_student_channels"},
+                     "--c")
+    assert "Continuing with the input channels this model was trained on" in resumed.stdout
+    # stock prediction from the student's two files only
+    inputs = tmp_path / "student_inputs"
+    inputs.mkdir()
+    for case in ("case_000", "case_001"):
+        for new, old in ((0, 2), (1, 3)):  # FLAIR is _0002, T1CE _0003 in the dataset
+            shutil.copy(masked_workspace.root / "raw" / DATASET / "imagesTr" / f"{case}_{old:04d}.nii.gz",
+                        inputs / f"{case}_{new:04d}.nii.gz")
+    out = tmp_path / "predictions"
+    masked_workspace.run("nnUNetv2_predict", "-i", str(inputs), "-o", str(out), "-d", str(DATASET_ID), "-c",
+                         "3d_fullres", "-f", "0", "-tr", trainer, "-device", "cpu", "--disable_tta", "-npp", "1",
+                         "-nps", "1", env={"nnUNet_results": str(results)})
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["case_000.nii.gz", "case_001.nii.gz"]
+
+
+def test_stored_targets_are_refused_where_the_students_files_crop_differently(
+        masked_workspace, stored_targets, monkeypatch, tmp_path):
+    # T1 of every training case made non-zero in the border: all four channels crop to the whole image, FLAIR and
+    # T1CE alone to the inner box, so the student would predict on other voxels than the targets describe
+    raw = tmp_path / "raw"
+    shutil.copytree(masked_workspace.root / "raw" / DATASET, raw / DATASET)
+    for t1 in (raw / DATASET / "imagesTr").glob("*_0000.nii.gz"):
+        image = sitk.ReadImage(str(t1))
+        array = sitk.GetArrayFromImage(image)
+        array[array == 0] = 1.0
+        edited = sitk.GetImageFromArray(array)
+        edited.CopyInformation(image)
+        sitk.WriteImage(edited, str(t1))
+    trainer = masked_workspace.trainer_in_process(
+        monkeypatch, "nnUNetTrainerKDLogits_debug", "nnUNetPlans",
+        {**CHANNELS, "nnUNet_KD_teacher": TEACHER, "nnUNet_KD_teacher_targets": stored_targets,
+         "nnUNet_raw": str(raw)}, results=tmp_path / "results", dataset_id=DATASET_ID)
+    with pytest.raises(KDConfigurationError, match="the student's channels alone crop to") as error:
+        trainer.on_train_start()
+    assert "distil online" in str(error.value)

@@ -19,19 +19,11 @@ from typing import ClassVar
 import torch
 from batchgenerators.utilities.file_and_folder_operations import save_json
 from nnunetv2.utilities.helpers import dummy_context
-from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import autocast, nn
 
 from nnunet_kd.errors import KDConfigurationError
 from nnunet_kd.losses import BarlowTwinsLoss
-from nnunet_kd.modalities import (
-    ChannelSelection,
-    SelectChannels,
-    build_network_checking_channels,
-    select_channels,
-    student_dataset_json,
-    student_plans,
-)
+from nnunet_kd.modalities import build_network_checking_channels, select_channels
 from nnunet_kd.run_core import nnUNetTrainerKDRun
 from nnunet_kd.settings import SETTINGS_FILE, BarlowTwinsSettings
 from nnunet_kd.training import batch_to_device
@@ -59,14 +51,10 @@ class nnUNetTrainerKDBarlowTwins(nnUNetTrainerKDRun):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        settings = self.kd_defaults.with_environment()
-        if settings.student_channels:
-            select_channels(dataset_json, settings.student_channels)  # a wrong name fails before nnU-Net's log file
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.channels: ChannelSelection | None = None
+        self.channels_request = self.kd_settings.student_channels or None
         self.teacher: nn.Module | None = None
         self.barlow_twins: BarlowTwinsLoss | None = None
-        self.teacher_plans, self.teacher_dataset_json = plans, dataset_json
         self._features: dict[str, torch.Tensor] = {}
         self._capture = False
 
@@ -77,23 +65,14 @@ class nnUNetTrainerKDBarlowTwins(nnUNetTrainerKDRun):
     def _teacher_checkpoint(self, filename: str) -> str:
         return os.path.join(self.teacher_output_folder, f"fold_{self.fold}", os.path.basename(filename))
 
-    # ---- set-up: the student's view of the data replaces the dataset's before nnU-Net builds the network ----
+    # ---- set-up: the student's view of the data replaces the dataset's (StudentChannelsMixin) ----
     def initialize(self):
         if not self.was_initialized:
             if self.is_ddp:
                 raise KDConfigurationError(f"{type(self).__name__} trains on one device; run it without DDP.")
-            self.channels = select_channels(self.teacher_dataset_json, self.kd_settings.student_channels)
-            self.dataset_json = student_dataset_json(self.teacher_dataset_json, self.channels)
-            self.plans_manager = PlansManager(student_plans(self.teacher_plans, self.channels))
-            self.configuration_manager = self.plans_manager.get_configuration(self.configuration_name)
+            if not self.channels_request:
+                select_channels(self.full_dataset_json, "")  # required: says which channels there are to choose
         super().initialize()
-
-    def get_training_transforms(self, *args, **kwargs):
-        # the loader carries every channel (the student's are taken in train_step), so the mask step of nnU-Net's
-        # augmentation must follow the dataset's channels, not the student's shorter use_mask_for_norm list
-        kwargs["use_mask_for_norm"] = PlansManager(self.teacher_plans).get_configuration(
-            self.configuration_name).use_mask_for_norm
-        return super().get_training_transforms(*args, **kwargs)
 
     def _do_i_compile(self) -> bool:
         # hooks added to a compiled network are not traced, and the teacher is a second network: stay eager
@@ -140,12 +119,13 @@ class nnUNetTrainerKDBarlowTwins(nnUNetTrainerKDRun):
             projector_parameters=sum(p.numel() for p in self.barlow_twins.parameters()))
         if self.local_rank == 0:
             os.makedirs(os.path.join(self.teacher_output_folder, f"fold_{self.fold}"), exist_ok=True)
-            save_json(self.teacher_plans, os.path.join(self.teacher_output_folder, "plans.json"), sort_keys=False)
-            save_json(self.teacher_dataset_json, os.path.join(self.teacher_output_folder, "dataset.json"),
+            save_json(self.full_plans, os.path.join(self.teacher_output_folder, "plans.json"), sort_keys=False)
+            save_json(self.full_dataset_json, os.path.join(self.teacher_output_folder, "dataset.json"),
                       sort_keys=False)
             shutil.copyfile(os.path.join(self.output_folder_base, "dataset_fingerprint.json"),
                             os.path.join(self.teacher_output_folder, "dataset_fingerprint.json"))
         self.save_run_record(record)
+        self.warn_about_channel_crops()
         self.print_to_log_file(f"Barlow Twins KD ({type(self).__name__}): settings {record['settings']}; student "
                                f"channels {list(self.channels.names)} of {list(self.channels.all_names)}; student "
                                f"{student_parameters:,} parameters, teacher {teacher_parameters:,} parameters "
@@ -202,7 +182,7 @@ class nnUNetTrainerKDBarlowTwins(nnUNetTrainerKDRun):
         try:
             with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
                 teacher_output = self.teacher(data)
-                student_output = self.network(data[:, list(self.channels.indices)])
+                student_output = self.network(self.student_input(data))
                 parts = {"student_seg_loss": self.loss(student_output, target),
                          "teacher_seg_loss": self.loss(teacher_output, target)}
             teacher_features = self._features["teacher"]
@@ -214,14 +194,3 @@ class nnUNetTrainerKDBarlowTwins(nnUNetTrainerKDRun):
             self._features.clear()
         return parts
 
-    def validation_step(self, batch: dict) -> dict:
-        return super().validation_step({**batch, "data": batch["data"][:, list(self.channels.indices)]})
-
-    def perform_actual_validation(self, save_probabilities: bool = False):
-        # the validation cases are the preprocessed full-channel ones: feed the student its channels only
-        student = self.network
-        self.network = SelectChannels(student, self.channels.indices)
-        try:
-            super().perform_actual_validation(save_probabilities)
-        finally:
-            self.network = student

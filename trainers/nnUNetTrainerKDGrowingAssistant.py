@@ -115,9 +115,10 @@ class nnUNetTrainerKDGrowingAssistant(nnUNetTrainerKD):
 
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            assistant_output = self.assistant_slice(data)
+            # the assistant is the student grown wider: it sees the student's channels, the teacher all of them
+            assistant_output = self.assistant_slice(self.student_input(data))
             teacher_output = self.teacher_output(data, stored, assistant_output)
-            student_output = self.student_slice(data)
+            student_output = self.student_slice(self.student_input(data))
             detached = [o.detach() for o in assistant_output] if isinstance(assistant_output, (list, tuple)) \
                 else assistant_output.detach()
             parts = {"seg_loss": self.loss(student_output, target),

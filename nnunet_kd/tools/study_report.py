@@ -218,9 +218,9 @@ COMPARISON_LEGEND = (
 
 
 def dice_and_comparison_tables(plan: StudyPlan, results: dict[str, TrainerResult], teacher: dict[str, CaseScores],
-                               compared: dict[str, dict[str, TrainerComparison]]) -> list[str]:
+                               compared: dict[str, dict[str, TrainerComparison]], level: int = 2) -> list[str]:
     """The Dice table and the KD-against-baseline table of every split: the part of the report that the per-case
-    CSV alone reproduces (`nnunet_kd study-report`)."""
+    CSV alone reproduces (`nnunet_kd study-report`); `level`: the Markdown heading level of the Dice tables."""
     from nnunet_kd.tools.study_stats import MIN_SEEDS_FOR_A_CLAIM
 
     baseline = plan.trainers[0]
@@ -230,7 +230,7 @@ def dice_and_comparison_tables(plan: StudyPlan, results: dict[str, TrainerResult
         if split not in teacher:
             continue
         title = title.format(fold=plan.fold)
-        lines += [f"## Dice, {title}: {len(teacher[split].cases)} cases", "",
+        lines += [f"{'#' * level} Dice, {title}: {len(teacher[split].cases)} cases", "",
                   "Mean ± standard deviation over seeds of each seed's mean over cases.", "",
                   "| model | seeds | " + " | ".join(classes) + " | mean Dice |",
                   "|---|---|" + "---|" * (len(classes) + 1)]
@@ -248,7 +248,7 @@ def dice_and_comparison_tables(plan: StudyPlan, results: dict[str, TrainerResult
         lines.append("")
         if split not in compared:
             continue
-        lines += [f"### KD against the baseline, {title}", "",
+        lines += [f"{'#' * (level + 1)} KD against the baseline, {title}", "",
                   COMPARISON_LEGEND.format(min_seeds=MIN_SEEDS_FOR_A_CLAIM), "",
                   "| trainer | seeds | Δ mean Dice | 95 % CI | per seed Δ | claim | gap closed | won / lost / tied |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -444,11 +444,12 @@ def load_study(source: Path) -> tuple[StudyPlan, dict[str, TrainerResult], dict[
     return plan, *read_csv(source / CSV_FILE, plan.trainers)
 
 
-def study_tables(source: Path) -> str:
-    """The Dice and KD-against-baseline tables of a study, recomputed from its per-case Dice."""
+def study_tables(source: Path, level: int = 4) -> str:
+    """The Dice and KD-against-baseline tables of a study, recomputed from its per-case Dice (headings at `level`,
+    to sit inside a page such as BENCHMARKS.md)."""
     plan, results, teacher = load_study(source)
-    return "\n".join(dice_and_comparison_tables(plan, results, teacher, comparisons(results, teacher,
-                                                                                    plan.trainers[0]))).rstrip() + "\n"
+    compared = comparisons(results, teacher, plan.trainers[0])
+    return "\n".join(dice_and_comparison_tables(plan, results, teacher, compared, level)).rstrip() + "\n"
 
 
 def publish(study: Path, destination: Path) -> Path:
