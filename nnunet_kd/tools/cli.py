@@ -384,7 +384,8 @@ def demo_command(args: argparse.Namespace) -> None:
     run_demo(Path(args.workdir), args.device, fresh=args.fresh)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The `nnunet_kd` parser and its subcommands (each with its handler as `func`)."""
     parser = argparse.ArgumentParser(prog="nnunet_kd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -632,7 +633,11 @@ def main(argv: list[str] | None = None) -> int:
     from nnunet_kd.spine.commands import add_parsers as add_spine_parsers
 
     add_spine_parsers(sub)
+    return parser, sub
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser, _ = build_parser()
     args = parser.parse_args(argv)
     try:
         args.func(args)
