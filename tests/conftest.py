@@ -73,6 +73,16 @@ class Workspace:
                         "-device", "cpu", *extra, env=env)
 
 
+def pytest_collection_modifyitems(config, items):
+    """`e2e`: tests that drive nnU-Net's CLI on a generated dataset (they use a Workspace, or live in an
+    *_end_to_end module), so that `pytest -m "not e2e"` answers in about a minute."""
+    for item in items:
+        uses_workspace = any(name == "workspace" or name.endswith("_workspace") or name == "spine"
+                             for name in getattr(item, "fixturenames", ()))
+        if uses_workspace or "end_to_end" in item.module.__name__:
+            item.add_marker(pytest.mark.e2e)
+
+
 def _clean_environment(root: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet")}
     env.update({

@@ -1,5 +1,6 @@
 """Command-line errors are one clear line (exit 2), never a traceback."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -66,3 +67,20 @@ print("\\n".join(sorted(set(sys.modules) - before)))
     new = proc.stdout.split()
     assert any(m.startswith("nnUNetTrainerKD") for m in new)
     assert [m for m in new if not (m.startswith("nnunet_kd") or m.startswith("nnUNetTrainer"))] == []
+
+
+def test_a_new_method_file_gets_its_schedule_variants_without_a_list(tmp_path):
+    # a new KD method is its loss and a trainer file: nnUNetTrainer_schedules.py finds it, no list to edit
+    trainers = tmp_path / "trainers"
+    shutil.copytree(REPO / "trainers", trainers, ignore=shutil.ignore_patterns("__pycache__"))
+    (trainers / "nnUNetTrainerKDToy.py").write_text(
+        "from nnUNetTrainerKDLogits import nnUNetTrainerKDLogits\n\n\n"
+        "class nnUNetTrainerKDToy(nnUNetTrainerKDLogits):\n    pass\n")
+    # the variants' direct bases: the new method's debug schedule, and a variant's of an existing method
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import nnUNetTrainer_schedules as s; "
+              "print(s.nnUNetTrainerKDToy_debug.__bases__[0].__name__, "
+              "s.nnUNetTrainerKDLogits_T4_demo.__bases__[0].__name__)")
+    proc = subprocess.run([sys.executable, "-c", script, str(trainers)], capture_output=True, text=True,
+                          env={**os.environ, "nnUNet_raw": "", "nnUNet_preprocessed": "", "nnUNet_results": ""})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["nnUNetTrainerKDToy", "nnUNetTrainerKDLogits_T4"]

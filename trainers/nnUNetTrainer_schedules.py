@@ -14,20 +14,29 @@ Named `<trainer>_<schedule>`, e.g. `nnUNetTrainerKDLogits_debug`, `nnUNetTrainer
 Any other length, for this package's trainers only: `nnUNet_KD_num_epochs` and `nnUNet_KD_iterations_per_epoch`
 (see nnunet_kd.schedule); `nnunet_kd study --epochs E --iterations I` uses them.
 """
+import importlib
+import inspect
+from pathlib import Path
+
 import torch
-from nnUNetTrainerKDBarlowTwins import nnUNetTrainerKDBarlowTwins
-from nnUNetTrainerKDClassAffinity import nnUNetTrainerKDClassAffinity
-from nnUNetTrainerKDGrowingAssistant import nnUNetTrainerKDGrowingAssistant
-from nnUNetTrainerKDLogitMatching import nnUNetTrainerKDLogitMatching
-from nnUNetTrainerKDLogits import nnUNetTrainerKDLogits
-from nnUNetTrainerKDMultiScale import nnUNetTrainerKDMultiScale
 from nnUNetTrainerStudent import nnUNetTrainerStudent
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunet_kd.run_core import nnUNetTrainerKDRun
 from nnunet_kd.schedule import SCHEDULES
 
-KD_TRAINERS = (nnUNetTrainerKDLogits, nnUNetTrainerKDLogitMatching, nnUNetTrainerKDClassAffinity,
-               nnUNetTrainerKDMultiScale, nnUNetTrainerKDGrowingAssistant, nnUNetTrainerKDBarlowTwins)
+
+def kd_trainers(folder: Path = Path(__file__).parent) -> list[type]:
+    """Every trainer of this package's shared core defined in a module of this folder (methods and their variants):
+    a new method is its loss and a trainer file here, and gets its schedule variants without a list to edit."""
+    found = []
+    for path in sorted(folder.glob("nnUNetTrainer*.py")):
+        if path.stem == Path(__file__).stem:
+            continue
+        module = importlib.import_module(path.stem)  # nnU-Net puts this folder on the path, as the imports above
+        found += [cls for _, cls in inspect.getmembers(module, inspect.isclass)
+                  if cls.__module__ == module.__name__ and issubclass(cls, nnUNetTrainerKDRun)]
+    return found
 
 
 def with_schedule(base: type, schedule: str) -> type:
@@ -45,7 +54,7 @@ def with_schedule(base: type, schedule: str) -> type:
                                 "__doc__": f"{base.__name__} with the '{schedule}' schedule: {attributes}"})
 
 
-for _base in (nnUNetTrainer, nnUNetTrainerStudent, *KD_TRAINERS):
+for _base in (nnUNetTrainer, nnUNetTrainerStudent, *kd_trainers()):
     for _schedule in SCHEDULES:
         if _base is nnUNetTrainer and _schedule.endswith("epochs"):
             continue  # nnU-Net has its own nnUNetTrainer_<N>epochs
