@@ -221,12 +221,13 @@ class StudentChannelsMixin:
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, *args, **kwargs):
+        request = os.environ.get(ENV_STUDENT_CHANNELS) or None
+        if request:
+            select_channels(dataset_json, request)  # a wrong name fails before nnU-Net writes its log file
         super().__init__(plans, configuration, fold, dataset_json, *args, **kwargs)
         self.full_plans, self.full_dataset_json = plans, dataset_json
         self.channels: ChannelSelection | None = None
-        self.channels_request: str | None = os.environ.get(ENV_STUDENT_CHANNELS) or None
-        if self.channels_request:
-            select_channels(dataset_json, self.channels_request)  # a wrong name fails before nnU-Net's log file
+        self.channels_request: str | None = request
 
     @property
     def full_plans_manager(self):
