@@ -103,6 +103,34 @@ def _channel_files(folder: Path, file_ending: str) -> dict[str, dict[int, Path]]
     return cases
 
 
+def _subset_files(images: Path, destination: Path, selection: ChannelSelection,
+                  file_ending: str) -> list[tuple[Path, Path]]:
+    """(source, destination) of every case's selected channel files, renumbered _0000... in the selection's order."""
+    pairs = []
+    for case, files in _channel_files(images, file_ending).items():
+        missing = [selection.all_names[c] for c in selection.indices if c not in files]
+        if missing:
+            raise KDConfigurationError(f"{images}: case {case} has no {', '.join(missing)} file.")
+        pairs += [(files[c], destination / f"{case}_{i:04d}{file_ending}") for i, c in enumerate(selection.indices)]
+    return pairs
+
+
+def subset_images(images: str | Path, destination: str | Path, dataset_json: dict, spec: str) -> Path:
+    """The student's input files of a folder of full-channel images (hard links where the file system allows):
+    what stock `nnUNetv2_predict` of a fewer-channel student reads. An existing complete folder is reused."""
+    selection = select_channels(dataset_json, spec)
+    destination = Path(destination)
+    for src, dst in _subset_files(Path(images), destination, selection, dataset_json["file_ending"]):
+        if dst.is_file():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+    return destination
+
+
 def subset_raw_dataset(source: str | Path, destination: str | Path, spec: str) -> Path:
     """Copy a raw nnU-Net dataset keeping only the named channels, renumbered _0000... in the order given.
 
@@ -113,17 +141,8 @@ def subset_raw_dataset(source: str | Path, destination: str | Path, spec: str) -
     selection = select_channels(dataset_json, spec, "--channels")
     if destination.exists():
         raise KDConfigurationError(f"{destination} exists; choose another dataset id or remove it first.")
-    file_ending = dataset_json["file_ending"]
-    plan = []
-    for images in ("imagesTr", "imagesTs"):
-        if not (source / images).is_dir():
-            continue
-        for case, files in _channel_files(source / images, file_ending).items():
-            missing = [selection.all_names[c] for c in selection.indices if c not in files]
-            if missing:
-                raise KDConfigurationError(f"{source / images}: case {case} has no {', '.join(missing)} file.")
-            plan += [(files[c], destination / images / f"{case}_{i:04d}{file_ending}")
-                     for i, c in enumerate(selection.indices)]
+    plan = [pair for images in ("imagesTr", "imagesTs") if (source / images).is_dir()
+            for pair in _subset_files(source / images, destination / images, selection, dataset_json["file_ending"])]
     destination.mkdir(parents=True)
     for src, dst in plan:
         dst.parent.mkdir(exist_ok=True)

@@ -144,3 +144,33 @@ def test_stored_targets_are_refused_where_the_students_files_crop_differently(
     with pytest.raises(KDConfigurationError, match="the student's channels alone crop to") as error:
         trainer.on_train_start()
     assert "distil online" in str(error.value)
+
+
+def test_study_pairs_fewer_channel_students_and_predicts_the_test_set_from_their_files(
+        masked_workspace, full_channel_teacher, tmp_path):
+    raw = masked_workspace.root / "raw" / DATASET
+    images, labels = tmp_path / "imagesTs", tmp_path / "labelsTs"
+    images.mkdir()
+    labels.mkdir()
+    for case in ("case_000", "case_001"):  # training cases as a stand-in test set: this checks the wiring only
+        for channel in range(4):
+            shutil.copy(raw / "imagesTr" / f"{case}_{channel:04d}.nii.gz", images)
+        shutil.copy(raw / "labelsTr" / f"{case}.nii.gz", labels)
+    study = tmp_path / "study"
+    result = masked_workspace.run(
+        "nnunet_kd", "study", str(DATASET_ID), "-c", "3d_fullres", "-p", "nnUNetPlans", "--teacher", TEACHER,
+        "--trainers", "nnUNetTrainerStudent", "nnUNetTrainerKDLogits", "--seeds", "0", "--schedule", "debug",
+        "--student-channels", "FLAIR,T1CE", "--test-images", str(images), "--test-labels", str(labels),
+        "--device", "cpu", "--time-cases", "1", "-o", str(study))
+    assert "The students see the channels FLAIR,T1CE only" in result.stdout
+    assert sorted(p.name for p in (study / "test_inputs").iterdir()) == [
+        "case_000_0000.nii.gz", "case_000_0001.nii.gz", "case_001_0000.nii.gz", "case_001_0001.nii.gz"]
+    comparison = json.loads((study / "comparison.json").read_text())
+    assert comparison["comparisons"]["test"]["nnUNetTrainerKDLogits"]["seeds"] == [0]
+    assert [row["model"] for row in comparison["costs"]] == ["teacher", "nnUNetTrainerStudent",
+                                                               "nnUNetTrainerKDLogits"]
+    refused = masked_workspace.run(
+        "nnunet_kd", "study", str(DATASET_ID), "-c", "3d_fullres", "-p", "nnUNetPlans", "--teacher", TEACHER,
+        "--seeds", "0", "--schedule", "debug", "--student-channels", "FLAIR,T2X", "--device", "cpu",
+        "-o", str(tmp_path / "other"), check=False)
+    assert refused.returncode == 2 and "--student-channels='FLAIR,T2X': T2X not in dataset.json" in refused.stderr

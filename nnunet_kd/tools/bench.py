@@ -294,9 +294,12 @@ def load_predictor(model_folder: str, folds, device: torch.device, checkpoint: s
 
 
 def network_costs(predictors: Sequence, cases: Sequence[torch.Tensor], device: torch.device,
-                  warmup: int = 1) -> list[dict]:
+                  warmup: int = 1, channels: Sequence[Sequence[int] | None] | None = None) -> list[dict]:
     """Parameters, FLOPs per patch and median network seconds per case (stock sliding window and mirroring on
-    preprocessed cases) of each predictor, timed side by side: interleaved per case, after warm-up."""
+    preprocessed cases) of each predictor, timed side by side: interleaved per case, after warm-up. `channels`: per
+    predictor, the channels of the (full-channel) cases it reads (None: all), for students on fewer channels."""
+    channels = list(channels) if channels is not None else [None] * len(predictors)
+    inputs = [[case if picked is None else case[list(picked)] for case in cases] for picked in channels]
     rows = []
     for predictor in predictors:
         patch = list(predictor.configuration_manager.patch_size)
@@ -306,11 +309,11 @@ def network_costs(predictors: Sequence, cases: Sequence[torch.Tensor], device: t
                                                         patch),
                      "patch_size": patch, "times": []})
     for _ in range(warmup if cases else 0):
-        for predictor in predictors:
-            predictor.predict_logits_from_preprocessed_data(cases[0])
-    for case in cases:
-        for row, predictor in zip(rows, predictors):
-            row["times"].append(_timed(lambda p=predictor, c=case: p.predict_logits_from_preprocessed_data(c),
+        for predictor, own in zip(predictors, inputs):
+            predictor.predict_logits_from_preprocessed_data(own[0])
+    for index in range(len(cases)):
+        for row, predictor, own in zip(rows, predictors, inputs):
+            row["times"].append(_timed(lambda p=predictor, c=own[index]: p.predict_logits_from_preprocessed_data(c),
                                        device))
     for row in rows:
         times = row.pop("times")

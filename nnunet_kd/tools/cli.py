@@ -264,7 +264,8 @@ def study_command(args: argparse.Namespace) -> None:
                      schedule=args.schedule,
                      test_images=os.path.abspath(args.test_images) if args.test_images else None,
                      test_labels=os.path.abspath(args.test_labels) if args.test_labels else None,
-                     device=args.device, teacher_targets=args.teacher_targets)
+                     device=args.device, teacher_targets=args.teacher_targets,
+                     student_channels=args.student_channels)
     output = Path(args.output or f"study_{dataset}_{args.configuration}_{args.plans}")
     if not args.report_only:
         run_study(plan, output, jobs=args.jobs,
@@ -547,6 +548,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     p.add_argument("--teacher-targets", default=None,
                    help="stored teacher targets (`nnunet_kd teacher-targets`, a name or folder) the KD trainers learn "
                         "from instead of running the teacher (sets nnUNet_KD_teacher_targets)")
+    p.add_argument("--student-channels", default=None, metavar="A,B",
+                   help="students see only these channels (dataset.json names, in their input order), the teacher all "
+                        "of them (sets nnUNet_KD_student_channels); the test set is predicted from the students' own "
+                        "files, made once in STUDY/test_inputs")
     p.add_argument("--time-cases", type=int, default=3, help="validation cases to time per model on the CPU (0: skip)")
     p.add_argument("-o", "--output", default=None,
                    help="study folder (default: study_<dataset>_<configuration>_<plans>); re-running continues it")

@@ -24,6 +24,7 @@ from nnunet_kd.settings import (
     ENV_ITERATIONS_PER_EPOCH,
     ENV_NUM_EPOCHS,
     ENV_SEED,
+    ENV_STUDENT_CHANNELS,
     ENV_TEACHER,
     ENV_TEACHER_TARGETS,
     ENV_VAL_ITERATIONS_PER_EPOCH,
@@ -36,7 +37,8 @@ TEST_TEACHER_FILE = "teacher.json"
 # what may differ when a study is re-run into the same folder: more trainers or seeds, another test set or device
 EXTENSIBLE_FIELDS = ("trainers", "seeds", "test_images", "test_labels", "device")
 # what two studies must share for their runs of one seed to be the same experiment (paired, or one reused)
-PAIRING_FIELDS = ("dataset", "configuration", "plans", "fold", "num_epochs", "iterations_per_epoch", "schedule")
+PAIRING_FIELDS = ("dataset", "configuration", "plans", "fold", "num_epochs", "iterations_per_epoch", "schedule",
+                  "student_channels")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class StudyPlan:
     device: str = "cpu"
     # stored teacher outputs (`nnunet_kd teacher-targets`) the KD trainers learn from instead of the teacher network
     teacher_targets: str | None = None
+    # the students' input channels by name, when they see fewer than the dataset (and the teacher) has
+    student_channels: str | None = None
 
     def trainer_class(self, trainer: str) -> str:
         return f"{trainer}_{self.schedule}" if self.schedule else trainer
@@ -66,6 +70,8 @@ class StudyPlan:
         env = {ENV_TEACHER: self.teacher}
         if self.teacher_targets:
             env[ENV_TEACHER_TARGETS] = self.teacher_targets
+        if self.student_channels:
+            env[ENV_STUDENT_CHANNELS] = self.student_channels
         if self.num_epochs:
             env[ENV_NUM_EPOCHS] = str(self.num_epochs)
         if self.iterations_per_epoch:
@@ -268,6 +274,11 @@ def check_inputs(plan: StudyPlan) -> None:
     if plan.configuration not in configurations:
         raise KDConfigurationError(f"{plans_file} has no configuration {plan.configuration!r} (it has "
                                    f"{sorted(configurations)}).")
+    if plan.student_channels:
+        from nnunet_kd.modalities import select_channels
+
+        dataset_json = json.loads((Path(nnUNet_preprocessed.get()) / plan.dataset / "dataset.json").read_text())
+        select_channels(dataset_json, plan.student_channels, "--student-channels")
     check_teacher_files(TeacherSpec(plan.teacher, (plan.fold,), "checkpoint_final.pth"), plan.dataset,
                         plan.configuration)
     if plan.teacher_targets:
@@ -342,15 +353,28 @@ def train(run: Run) -> None:
     _run_command(args, env, run.log_file)
 
 
+def student_test_images(plan: StudyPlan, study: Path) -> str:
+    """The folder the students predict the test set from: their own channels of it, made once, where they see fewer
+    channels than the dataset has; else the test images themselves."""
+    if not plan.student_channels:
+        return plan.test_images
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    from nnunet_kd.modalities import subset_images
+
+    dataset_json = json.loads((Path(nnUNet_preprocessed.get()) / plan.dataset / "dataset.json").read_text())
+    return str(subset_images(plan.test_images, study / "test_inputs", dataset_json, plan.student_channels))
+
+
 def predict_and_evaluate(model_folder: Path, results_root: Path, trainer_class: str, plan: StudyPlan,
                          output: Path, log_file: Path, folds: tuple[int, ...] | None = None,
-                         mirroring: bool = True) -> None:
+                         mirroring: bool = True, images: str | None = None) -> None:
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder2
 
     if (output / "summary.json").is_file():
         return
     plans = model_folder.name.split("__")[1]
-    args = ["nnUNetv2_predict", "-i", plan.test_images, "-o", str(output), "-d", plan.dataset,
+    args = ["nnUNetv2_predict", "-i", images or plan.test_images, "-o", str(output), "-d", plan.dataset,
             "-c", plan.configuration, "-f", *[str(f) for f in folds or (plan.fold,)], "-tr", trainer_class, "-p",
             plans, "-device", plan.device, "-npp", "1", "-nps", "1", "--disable_progress_bar"]
     if not mirroring:
@@ -396,7 +420,7 @@ def run_study(plan: StudyPlan, study: Path, jobs: int = 1, baseline_from: Path |
         if not run.tested:
             print(progress.line(index, f"{what}: predicting the test set"), flush=True)
             predict_and_evaluate(run.model_folder, run.results_root, plan.trainer_class(run.trainer), plan,
-                                 run.test_predictions, run.log_file)
+                                 run.test_predictions, run.log_file, images=student_test_images(plan, study))
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         for future in [pool.submit(complete, index, run) for index, run in enumerate(runs, 1)]:

@@ -168,8 +168,14 @@ def _model_costs(plan: StudyPlan, study: Path, results: dict[str, TrainerResult]
     device = torch.device("cpu")
     predictors = [load_predictor(str(folder), (plan.fold,), device) for _, folder in folders]
     cases = validation_cases(folders[-1][1], plan.fold, predictors[-1], time_cases)
+    channels = [None] * len(folders)
+    if plan.student_channels:  # the cases have every channel; each student reads its own
+        from nnunet_kd.modalities import select_channels
+
+        picked = select_channels(predictors[0].dataset_json, plan.student_channels).indices
+        channels = [None] + [picked] * (len(folders) - 1)
     rows = []
-    for (name, folder), costs in zip(folders, network_costs(predictors, cases, device)):
+    for (name, folder), costs in zip(folders, network_costs(predictors, cases, device, channels=channels)):
         rows.append({"model": name, "folder": str(folder), "parameters": costs["parameters"],
                      "gflops_per_patch": costs["flops_per_patch"] / 1e9,
                      "cpu_seconds_per_case": costs["seconds_per_case"]})
@@ -277,7 +283,10 @@ def format_markdown(plan: StudyPlan, study: Path, results: dict[str, TrainerResu
     lines = [f"# KD study: {plan.dataset}, {plan.configuration}, student plans `{plan.plans}`", "",
              f"Teacher `{Path(plan.teacher).name}`; baseline (no KD) `{plan.trainers[0]}`; seeds {list(plan.seeds)}; "
              f"{schedule}; fold {plan.fold}; device {plan.device}. Each seed starts every trainer from the same "
-             f"initial student weights." + (f" KD trainers learn from the stored teacher targets "
+             f"initial student weights."
+             + (f" The students see the channels {plan.student_channels} only; the teacher sees every channel."
+                if plan.student_channels else "")
+             + (f" KD trainers learn from the stored teacher targets "
                                              f"`{Path(plan.teacher_targets).name}` (`nnunet_kd teacher-targets`)."
                                              if plan.teacher_targets else "")
              + _test_teacher_note(study, plan.fold), ""]
