@@ -120,7 +120,8 @@ def write_dataset(raw_folder: str | Path, dataset_id: int = 900, name: str = "KD
 
 def write_generated_dataset(raw_folder: str | Path, dataset_id: int, name: str, spec: SyntheticSpec,
                             generate: Callable[[np.random.Generator, SyntheticSpec], tuple[np.ndarray, np.ndarray]],
-                            channel_names: dict[str, str], description: str) -> Path:
+                            channel_names: dict[str, str], description: str,
+                            labels: dict[str, int] = LABELS) -> Path:
     """Write `Dataset{id}_{name}` in nnU-Net's raw format from `generate(rng, spec) -> (images (C, z, y, x), seg)`."""
     folder = Path(raw_folder) / f"Dataset{dataset_id:03d}_{name}"
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
@@ -135,7 +136,7 @@ def write_generated_dataset(raw_folder: str | Path, dataset_id: int, name: str, 
         _write(seg, spec.spacing, folder / f"labels{split}" / f"{case}.nii.gz")
     dataset_json = {
         "channel_names": channel_names,
-        "labels": LABELS,
+        "labels": labels,
         "numTraining": spec.num_training,
         "file_ending": ".nii.gz",
         "name": name,
