@@ -6,7 +6,11 @@ resampling), and stores per case, in float16 blosc2 like nnU-Net's preprocessed 
 - softmax (label) tasks: log-probabilities, which are the logits up to a per-voxel shift that every softmax loss and
   the class-centred logit matching ignore;
 - sigmoid (region) tasks: the logits.
-A manifest records where the targets come from and which preprocessed voxels and labels they belong to.
+With `target_format="topk"` (softmax tasks) a case stores per voxel only the k most probable classes and the mass
+outside them (`nnunet_kd.compact_targets`): its size does not grow with the number of classes.
+A manifest records where the targets come from and which preprocessed voxels and labels they belong to. Large
+datasets split the work as `nnUNetv2_predict` does (`num_parts`, `part_id`): each part keeps its own manifest, and
+reading them checks that every part was written by the same teacher with the same settings.
 
 Training reads them through `nnunet_kd.targets_loader`.
 """
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 
 from nnunet_kd import __version__
+from nnunet_kd.compact_targets import check_top_k, decode_top_k, encode_top_k
 from nnunet_kd.cpu_inference import use_onednn_convolutions
 from nnunet_kd.errors import KDConfigurationError
 from nnunet_kd.settings import ENV_TEACHER_TARGETS
@@ -31,18 +36,31 @@ from nnunet_kd.teacher import TeacherSpec, check_teacher_files, compatibility_pr
 
 TARGETS_FOLDER = "kd_targets"
 MANIFEST = "manifest.json"
-FORMAT = "blosc2-float16"
+PART_MANIFESTS = "manifest_part*.json"
+# the manifest's "format" per `target_format`
+FORMATS = {"dense": "blosc2-float16", "topk": "blosc2-topk-float16"}
 CASE_SUFFIX = ".b2nd"
+INDICES_SUFFIX = ".indices.b2nd"  # top-k: the class indices beside the values in <case>.b2nd
+
+
+def case_files(folder: Path, identifier: str, manifest: dict) -> list[Path]:
+    """A case's files: the stored values, and for top-k targets the class indices."""
+    files = [Path(folder) / f"{identifier}{CASE_SUFFIX}"]
+    if manifest["format"] == FORMATS["topk"]:
+        files.append(Path(folder) / f"{identifier}{INDICES_SUFFIX}")
+    return files
 
 
 def targets_root(preprocessed_dataset_folder: str | Path) -> Path:
     return Path(preprocessed_dataset_folder) / TARGETS_FOLDER
 
 
-def default_targets_name(spec: TeacherSpec, mirroring: bool) -> str:
-    """`<teacher model folder>__f0-1-2-3-4`, with `__nomirror` when test-time mirroring is off."""
+def default_targets_name(spec: TeacherSpec, mirroring: bool, target_format: str = "dense", top_k: int = 4) -> str:
+    """`<teacher model folder>__f0-1-2-3-4`, with `__nomirror` when test-time mirroring is off and `__top4` for
+    top-k targets."""
     folds = "-".join(str(f) for f in spec.folds)
-    return f"{Path(spec.model_folder).name}__f{folds}" + ("" if mirroring else "__nomirror")
+    return (f"{Path(spec.model_folder).name}__f{folds}" + ("" if mirroring else "__nomirror")
+            + (f"__top{top_k}" if target_format == "topk" else ""))
 
 
 def _write_json_atomically(path: Path, content: dict) -> None:
@@ -58,17 +76,55 @@ def _identity(manifest: dict) -> dict:
                                   if k not in ("cases", "created", "finished", "nnunet_kd_version")}))
 
 
-def _case_statistics(stored: torch.Tensor, half: torch.Tensor, softmax: bool, path: Path) -> dict:
-    """Disk use and what float16 loses against float32, in the stored quantity and in probabilities."""
-    rounded = half.float()
+def _case_statistics(stored: torch.Tensor, decoded: torch.Tensor, softmax: bool, paths: Sequence[Path]) -> dict:
+    """Disk use and what the stored format loses against float32 (`decoded`: what training reads back), in the
+    stored quantity and in probabilities."""
     if softmax:
-        probabilities, probabilities_half = torch.exp(stored), torch.softmax(rounded, 0)
+        probabilities, probabilities_read = torch.exp(stored), torch.softmax(decoded, 0)
     else:
-        probabilities, probabilities_half = torch.sigmoid(stored), torch.sigmoid(rounded)
-    return {"shape": list(stored.shape), "bytes": path.stat().st_size,
-            "max_abs_error": float((rounded - stored).abs().max()),
-            "max_abs_probability_error": float((probabilities_half - probabilities).abs().max()),
-            "mean_abs_probability_error": float((probabilities_half - probabilities).abs().mean())}
+        probabilities, probabilities_read = torch.sigmoid(stored), torch.sigmoid(decoded)
+    return {"shape": list(stored.shape), "bytes": sum(p.stat().st_size for p in paths),
+            "max_abs_error": float((decoded - stored).abs().max()),
+            "max_abs_probability_error": float((probabilities_read - probabilities).abs().max()),
+            "mean_abs_probability_error": float((probabilities_read - probabilities).abs().mean())}
+
+
+def _store_case(stored: torch.Tensor, identifier: str, output: Path, manifest: dict,
+                patch_size: Sequence[int]) -> dict:
+    """Write one case in the manifest's format; returns its statistics."""
+    paths = case_files(output, identifier, manifest)
+    if manifest["format"] == FORMATS["topk"]:
+        indices, values = encode_top_k(stored, manifest["top_k"])
+        _save_case(indices.numpy(), paths[1], patch_size)
+        decoded = decode_top_k(indices[None], values[None], stored.shape[0])[0]
+    else:
+        values = stored.half()
+        decoded = values.float()
+    _save_case(values.numpy(), paths[0], patch_size)
+    return _case_statistics(stored, decoded, manifest["activation"] == "softmax", paths)
+
+
+def read_manifests(folder: Path) -> dict | None:
+    """The manifest of a targets folder, merged over the parts that wrote it (None: nothing written yet).
+
+    Refuses parts written by another teacher or with other settings: their targets cannot be mixed.
+    """
+    paths = sorted(folder.glob(MANIFEST)) + sorted(folder.glob(PART_MANIFESTS))
+    if not paths:
+        return None
+    manifests = [json.loads(p.read_text()) for p in paths]
+    merged = dict(manifests[0], cases={})
+    for path, manifest in zip(paths, manifests):
+        if _identity(manifest) != _identity(merged):
+            differing = sorted(k for k, v in _identity(manifest).items() if _identity(merged).get(k) != v)
+            raise KDConfigurationError(
+                f"{path} and {paths[0]} were written by other teachers or with other settings (differing: "
+                f"{differing}): one targets folder holds one teacher's targets. Write the parts again with the same "
+                f"teacher and options, or into another --name.")
+        merged["cases"].update(manifest["cases"])
+    if any("finished" not in m for m in manifests):
+        merged.pop("finished", None)
+    return merged
 
 
 def _save_case(array: np.ndarray, path: Path, patch_size: Sequence[int]) -> None:
@@ -87,13 +143,22 @@ def _save_case(array: np.ndarray, path: Path, patch_size: Sequence[int]) -> None
 
 def write_teacher_targets(teacher: TeacherSpec, preprocessed_dataset_folder: str | Path, plans_name: str,
                           configuration: str, output: Path, mirroring: bool = True, tile_step_size: float = 0.5,
-                          device: str = "cpu", force: bool = False, progress: bool = True) -> dict:
+                          device: str = "cpu", force: bool = False, progress: bool = True,
+                          target_format: str = "dense", top_k: int = 4, num_parts: int = 1,
+                          part_id: int = 0) -> dict:
     """Store `teacher`'s outputs for every preprocessed case of `plans_name`/`configuration` in
-    `preprocessed_dataset_folder` ($nnUNet_preprocessed/<dataset>); returns the manifest.
+    `preprocessed_dataset_folder` ($nnUNet_preprocessed/<dataset>); returns this part's manifest.
 
+    `target_format`: "dense" (every class) or "topk" (the `top_k` most probable classes and the rest's mass; softmax
+    tasks only). `num_parts`/`part_id`: this process does every `num_parts`-th case, starting at `part_id`.
     Re-running continues: cases already stored are kept. Targets of another teacher (or other settings) in `output`
-    are refused unless `force`, which deletes them first.
+    are refused unless `force`, which deletes them (every part's) first.
     """
+    if target_format not in FORMATS:
+        raise KDConfigurationError(f"Unknown target format {target_format!r}; choose one of {sorted(FORMATS)}.")
+    if not 0 <= part_id < num_parts:
+        raise KDConfigurationError(f"-part_id must be in 0..{num_parts - 1} for -num_parts {num_parts}, got "
+                                   f"{part_id}.")
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
@@ -132,9 +197,18 @@ def write_teacher_targets(teacher: TeacherSpec, preprocessed_dataset_folder: str
         raise KDConfigurationError(f"The teacher {teacher.model_folder} cannot predict the preprocessed data of "
                                    f"{plans_name} {configuration}:\n  - " + "\n  - ".join(problems))
     softmax = not plans_manager.get_label_manager(dataset_json).has_regions
+    if target_format == "topk":
+        if not softmax:
+            raise KDConfigurationError(
+                "Top-k targets keep the most probable of mutually exclusive classes; this dataset trains regions "
+                "(sigmoid outputs, each its own yes/no), so store them dense (--format dense).")
+        try:
+            check_top_k(top_k, len(dataset_json["labels"]))
+        except ValueError as error:
+            raise KDConfigurationError(str(error)) from None
     manifest = {
-        "format": FORMAT, "stored": "log_softmax" if softmax else "logits", "activation": "softmax" if softmax
-        else "sigmoid",
+        "format": FORMATS[target_format], **({"top_k": top_k} if target_format == "topk" else {}),
+        "stored": "log_softmax" if softmax else "logits", "activation": "softmax" if softmax else "sigmoid",
         "teacher": {**teacher.to_json(), "trainer": predictor.trainer_name,
                     "plans": predictor.plans_manager.plans_name,
                     "checkpoint_sha256": [file_sha256(p) for p in teacher.checkpoint_paths()],
@@ -147,36 +221,40 @@ def write_teacher_targets(teacher: TeacherSpec, preprocessed_dataset_folder: str
         "nnunet_kd_version": __version__, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "cases": {},
     }
     output = Path(output)
-    manifest_path = output / MANIFEST
-    if manifest_path.is_file():
-        existing = json.loads(manifest_path.read_text())
-        if _identity(existing) != _identity(manifest):
-            if not force:
-                differing = sorted(k for k, v in _identity(manifest).items() if _identity(existing).get(k) != v)
-                raise KDConfigurationError(
-                    f"{output} holds targets of another teacher or other settings (differing: {differing}). Use "
-                    f"another --name, or --force to replace them.")
-            for stale in output.glob(f"*{CASE_SUFFIX}"):
-                stale.unlink()
-        else:
-            manifest["cases"], manifest["created"] = existing["cases"], existing["created"]
+    manifest_path = output / (MANIFEST if num_parts == 1 else f"manifest_part{part_id}of{num_parts}.json")
+    try:
+        existing = read_manifests(output)
+    except KDConfigurationError:
+        if not force:
+            raise
+        existing = None
+    if existing is not None and _identity(existing) != _identity(manifest):
+        if not force:
+            differing = sorted(k for k, v in _identity(manifest).items() if _identity(existing).get(k) != v)
+            raise KDConfigurationError(
+                f"{output} holds targets of another teacher or other settings (differing: {differing}). Use "
+                f"another --name, or --force to replace them.")
+        existing = None
+    if existing is None and output.is_dir() and force:
+        for stale in [*output.glob(f"*{CASE_SUFFIX}"), *output.glob(MANIFEST), *output.glob(PART_MANIFESTS)]:
+            stale.unlink()
+    dataset_class = infer_dataset_class(str(data_folder))
+    identifiers = sorted(dataset_class.get_identifiers(str(data_folder)))[part_id::num_parts]
+    if existing is not None:  # this part's cases that any earlier run (split or not) has stored
+        manifest["created"] = existing["created"]
+        manifest["cases"] = {i: existing["cases"][i] for i in identifiers if i in existing["cases"]}
     output.mkdir(parents=True, exist_ok=True)
-    manifest.pop("finished", None)
     _write_json_atomically(manifest_path, manifest)
 
-    dataset_class = infer_dataset_class(str(data_folder))
-    identifiers = sorted(dataset_class.get_identifiers(str(data_folder)))
     dataset = dataset_class(str(data_folder), identifiers)
-    todo = [i for i in identifiers if not (i in manifest["cases"] and (output / f"{i}{CASE_SUFFIX}").is_file())]
+    todo = [i for i in identifiers
+            if not (i in manifest["cases"] and all(p.is_file() for p in case_files(output, i, manifest)))]
     for identifier in tqdm(todo, desc="teacher targets", disable=not progress or not todo):
         data = np.asarray(dataset.load_case(identifier)[0][:], dtype=np.float32)
         with torch.no_grad():
             logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).float().cpu()
         stored = torch.log_softmax(logits, 0) if softmax else logits
-        half = stored.half()
-        path = output / f"{identifier}{CASE_SUFFIX}"
-        _save_case(half.numpy(), path, config.patch_size)
-        manifest["cases"][identifier] = _case_statistics(stored, half, softmax, path)
+        manifest["cases"][identifier] = _store_case(stored, identifier, output, manifest, config.patch_size)
         _write_json_atomically(manifest_path, manifest)
     manifest["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     _write_json_atomically(manifest_path, manifest)
@@ -184,7 +262,7 @@ def write_teacher_targets(teacher: TeacherSpec, preprocessed_dataset_folder: str
 
 
 def summarise(manifest: dict) -> dict:
-    """Disk per case and in total, and float16's worst and mean loss of precision, over the stored cases."""
+    """Disk per case and in total, and the format's worst and mean loss of precision, over the stored cases."""
     cases = list(manifest["cases"].values())
     if not cases:
         return {"cases": 0}
@@ -208,9 +286,12 @@ class StoredTargets:
         candidates = [Path(name_or_folder)] if os.sep in name_or_folder else []
         candidates.append(targets_root(preprocessed_dataset_folder) / name_or_folder)
         for folder in candidates:
-            if (folder / MANIFEST).is_file():
-                return cls(folder.resolve(), json.loads((folder / MANIFEST).read_text()))
-        available = sorted(p.parent.name for p in targets_root(preprocessed_dataset_folder).glob(f"*/{MANIFEST}"))
+            manifest = read_manifests(folder) if folder.is_dir() else None
+            if manifest is not None:
+                return cls(folder.resolve(), manifest)
+        root = targets_root(preprocessed_dataset_folder)
+        available = sorted({p.parent.name for pattern in (MANIFEST, PART_MANIFESTS)
+                            for p in root.glob(f"*/{pattern}")})
         raise KDConfigurationError(
             f"{ENV_TEACHER_TARGETS}={name_or_folder!r}: no stored teacher targets there (looked in "
             f"{[str(c) for c in candidates]}; available: {available or 'none'}). Write them with `nnunet_kd "
@@ -223,6 +304,7 @@ class StoredTargets:
         """What a run records about its targets (the per-case bookkeeping left out)."""
         return {"folder": str(self.folder), "manifest_sha256": self.digest(),
                 "teacher": self.manifest["teacher"], "stored": self.manifest["stored"],
+                "format": self.manifest["format"], "top_k": self.manifest.get("top_k"),
                 "data": {k: v for k, v in self.manifest["data"].items() if k not in ("plans", "dataset_json")}}
 
     def problems(self, plans_manager, configuration_name: str, configuration_manager, dataset_json: dict,
@@ -248,12 +330,12 @@ class StoredTargets:
             problems += compatibility_problems(stored_plans, stored_plans.get_configuration(data["configuration"]),
                                                data["dataset_json"], plans_manager, configuration_manager,
                                                dataset_json)
-        missing = [i for i in identifiers
-                   if i not in self.manifest["cases"] or not (self.folder / f"{i}{CASE_SUFFIX}").is_file()]
+        missing = [i for i in identifiers if i not in self.manifest["cases"]
+                   or not all(p.is_file() for p in case_files(self.folder, i, self.manifest))]
         if missing:
             problems.append(f"{len(missing)} of the student's {len(identifiers)} training cases have no targets "
-                            f"(e.g. {missing[:3]}); re-run `nnunet_kd teacher-targets`, which continues where it "
-                            f"stopped")
+                            f"(e.g. {missing[:3]}); re-run `nnunet_kd teacher-targets` (every part, if it was split "
+                            f"with -num_parts), which continues where it stopped")
         return problems
 
     def changed_teacher_checkpoints(self) -> list[str]:

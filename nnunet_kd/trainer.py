@@ -25,7 +25,13 @@ from nnunet_kd.errors import KDConfigurationError
 from nnunet_kd.losses import DeepSupervisionKD, kd_scale_weights
 from nnunet_kd.run_core import nnUNetTrainerKDRun
 from nnunet_kd.settings import ENV_TEACHER_TARGETS, SETTINGS_FILE, BaseKDSettings, KDSettings, RunEnvironment
-from nnunet_kd.targets_loader import TargetsDataset, split_batch, teacher_outputs_from_targets, with_stored_targets
+from nnunet_kd.targets_loader import (
+    TargetsDataset,
+    dense_targets,
+    split_batch,
+    teacher_outputs_from_targets,
+    with_stored_targets,
+)
 from nnunet_kd.teacher import (
     FrozenTeacher,
     TeacherSpec,
@@ -35,7 +41,7 @@ from nnunet_kd.teacher import (
     load_teacher,
     resolve_teacher_spec,
 )
-from nnunet_kd.teacher_targets import StoredTargets
+from nnunet_kd.teacher_targets import FORMATS, StoredTargets
 from nnunet_kd.training import batch_to_device
 
 
@@ -53,6 +59,9 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
     # targets the teacher's lower scales are area-resampled from its full-resolution output instead
     teacher_deep_supervision: ClassVar[bool] = False
     reads_stored_targets = True
+    # whether a KD term reads every class's logit alike (logit matching), so that top-k targets, which keep the
+    # unlikely classes' total mass but not how it divides among them, would teach it something else
+    reads_every_logit: ClassVar[bool] = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -117,6 +126,10 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
         problems += [f"the targets were computed from every channel's crop, but at prediction the student's own "
                      f"files crop differently ({p}): it would predict on other voxels than it learned from; train "
                      f"on channels whose zero regions agree, or distil online" for p in self.channel_crop_problems()]
+        if self.reads_every_logit and targets.manifest["format"] == FORMATS["topk"]:
+            problems.append(f"{type(self).__name__} matches every class's logit, but top-{targets.manifest['top_k']} "
+                            f"targets keep only the most probable classes (the rest share one value); write dense "
+                            f"targets for it (`nnunet_kd teacher-targets --format dense`)")
         changed = targets.changed_teacher_checkpoints()
         if changed:
             problems.append(f"the teacher checkpoint(s) {changed} changed since the targets were written; write them "
@@ -248,7 +261,7 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
     def get_tr_and_val_datasets(self):
         dataset_train, dataset_val = super().get_tr_and_val_datasets()
         if self.stored_targets is not None:
-            dataset_train = TargetsDataset(dataset_train, self.stored_targets.folder)
+            dataset_train = TargetsDataset(dataset_train, self.stored_targets)
         return dataset_train, dataset_val
 
     def get_training_transforms(self, *args, **kwargs):
@@ -258,7 +271,7 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
         transforms = super().get_training_transforms(*args, **kwargs)
         if self.stored_targets is None:
             return transforms
-        return with_stored_targets(transforms, self.num_dataset_channels)
+        return with_stored_targets(transforms, self.num_dataset_channels, self.stored_targets.manifest["format"])
 
     def inputs_and_targets(self, batch: dict) -> tuple[torch.Tensor, object, torch.Tensor | None]:
         """The batch on the device: image (every channel the loader carries: the teacher's input; `student_input`
@@ -271,7 +284,10 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
 
     def teacher_output(self, data: torch.Tensor, stored: torch.Tensor | None, like):
         """The teacher network's output, or the stored targets at the resolution of each output in `like`."""
-        return self.teacher(data) if stored is None else teacher_outputs_from_targets(stored, like)
+        if stored is None:
+            return self.teacher(data)
+        dense = dense_targets(stored, self.stored_targets.manifest, self.label_manager.num_segmentation_heads)
+        return teacher_outputs_from_targets(dense, like)
 
     # ---- training ----
     def train_step(self, batch: dict) -> dict:

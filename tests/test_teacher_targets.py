@@ -11,10 +11,11 @@ import torch
 from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from conftest import DATASET_ID, STUDENT_PLANS, copy_model_folder, edit_json
 
+from nnunet_kd.compact_targets import encode_top_k
 from nnunet_kd.cpu_inference import use_onednn_convolutions
 from nnunet_kd.errors import KDConfigurationError
-from nnunet_kd.targets_loader import _ChannelStack, split_batch, teacher_outputs_from_targets
-from nnunet_kd.teacher_targets import MANIFEST, TARGETS_FOLDER, _save_case
+from nnunet_kd.targets_loader import _ChannelStack, dense_targets, split_batch, teacher_outputs_from_targets
+from nnunet_kd.teacher_targets import INDICES_SUFFIX, MANIFEST, TARGETS_FOLDER, _save_case
 
 
 # ---- pure pieces ----
@@ -167,6 +168,84 @@ def test_targets_follow_the_spatial_augmentation_in_lock_step(workspace, targets
     assert total > 0
     assert agree / total >= 0.99, f"only {agree / total:.4f} of valid voxels agree"
     assert border > 0, "no padding seen: the loader's patches reach beyond these small images"
+
+
+def test_top_k_targets_follow_the_augmentation_from_their_nearest_source_voxel(workspace, targets_3d, tmp_path,
+                                                                               monkeypatch):
+    """Top-2 targets of the one-hot label, through nnU-Net's loader and augmentation: they agree with the augmented
+    label, and every value is one that was stored (moved, never blended: class indices cannot be interpolated)."""
+    import blosc2
+
+    folder = tmp_path / "onehot_top2"
+    shutil.copytree(targets_3d, folder)
+    data_folder = workspace.preprocessed / "nnUNetPlans_3d_fullres"
+    stored_values = set()
+    for path in folder.glob("*.b2nd"):
+        seg = blosc2.open(str(data_folder / path.name.replace(".b2nd", "_seg.b2nd")))[:][0].clip(0)
+        onehot = torch.nn.functional.one_hot(torch.from_numpy(seg).long(), 4).permute(3, 0, 1, 2).float()
+        onehot[1] += 0.5 * onehot[0]  # a second class with a distinct value wherever the label is background
+        indices, values = encode_top_k(torch.log_softmax(20 * onehot, 0), 2)
+        _save_case(values.numpy(), path, (32, 40, 40))
+        _save_case(indices.numpy(), path.with_name(path.name.replace(".b2nd", INDICES_SUFFIX)), (32, 40, 40))
+        stored_values |= set(values.float().unique().tolist())
+    edit_json(folder / MANIFEST, lambda m: m.update(format="blosc2-topk-float16", top_k=2))
+    torch.manual_seed(0)
+    np.random.seed(0)
+    trainer = _trainer(workspace, monkeypatch, {"nnUNet_KD_teacher_targets": str(folder), "nnUNet_n_proc_DA": "0"},
+                       results=tmp_path / "results")
+    trainer.initialize()
+    trainer.prepare_distillation()
+    loader, _ = trainer.get_dataloaders()
+    agree = total = border = 0
+    for _ in range(8):
+        batch = next(loader)
+        image, stored = split_batch(batch["data"], trainer.num_input_channels)
+        assert image.shape[1] == 1 and stored.shape[1] == 2 + 3 + 1  # indices, values + tail, validity
+        valid = stored[:, -1] >= 0.5
+        assert set(stored[:, 2:5].permute(1, 0, 2, 3, 4)[:, valid].unique().tolist()) <= stored_values
+        (teacher,) = teacher_outputs_from_targets(dense_targets(stored, trainer.stored_targets.manifest, 4),
+                                                  torch.zeros(stored.shape[0], 4, *stored.shape[2:]))
+        label = batch["target"][0][:, 0]
+        agree += (teacher.argmax(1) == label)[valid].sum().item()
+        total += valid.sum().item()
+        border += (stored[:, -1] < 1).sum().item()
+    assert total > 0 and border > 0
+    assert agree / total >= 0.99, f"only {agree / total:.4f} of valid voxels agree"
+
+
+def test_top_k_targets_written_in_parts_teach_kd_and_parts_of_other_settings_are_refused(workspace, teacher_3d,
+                                                                                         tmp_path):
+    name = "top2_in_parts"
+    common = ("nnunet_kd", "teacher-targets", str(DATASET_ID), "-c", "3d_fullres", "--teacher", TEACHER_NAME, "-f",
+              "0", "-device", "cpu", "--format", "topk", "--disable_tta", "--name", name, "-num_parts", "2")
+    args = (*common, "--top-k", "2")
+    first = workspace.run(*args, "-part_id", "0")
+    assert "part 1 of 2" in first.stdout and "once every part has run" in first.stdout
+    folder = workspace.preprocessed / TARGETS_FOLDER / name
+    part0 = json.loads((folder / "manifest_part0of2.json").read_text())
+    assert part0["format"] == "blosc2-topk-float16" and part0["top_k"] == 2 and len(part0["cases"]) == 5
+    assert all((folder / f"{case}{INDICES_SUFFIX}").is_file() for case in part0["cases"])
+
+    refused = workspace.run(*common, "--top-k", "3", "-part_id", "1", check=False)
+    assert refused.returncode == 2 and "another teacher or other settings" in refused.stderr
+    assert not (folder / "manifest_part1of2.json").exists()
+
+    workspace.run(*args, "-part_id", "1")
+    kept = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.b2nd")}
+    assert len(kept) == 20
+    workspace.run(*args, "-part_id", "0")  # a finished part does nothing on rerun
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.b2nd")} == kept
+
+    results = tmp_path / "results"
+    fold = _train_from_targets(workspace, folder, results, "nnUNetTrainerKDLogits_debug")
+    _assert_trained_without_a_teacher(fold, folder)
+    record = json.loads((fold / "kd_settings.json").read_text())["teacher_targets"]
+    assert record["format"] == "blosc2-topk-float16" and record["top_k"] == 2
+
+    refused = workspace.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr",
+                            "nnUNetTrainerKDLogitMatching_debug", "-p", STUDENT_PLANS, "-device", "cpu",
+                            env={"nnUNet_KD_teacher_targets": name, "nnUNet_results": str(results)}, check=False)
+    assert refused.returncode != 0 and "write dense targets" in refused.stdout + refused.stderr
 
 
 def _train_from_targets(workspace, targets_3d, results, trainer: str) -> Path:

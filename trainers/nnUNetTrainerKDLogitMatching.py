@@ -13,6 +13,7 @@ from nnunet_kd.trainer import nnUNetTrainerKD
 class nnUNetTrainerKDLogitMatching(nnUNetTrainerKD):
     # logits are O(10), so the squared error is much larger than a KL term: a smaller alpha keeps L_seg in charge
     kd_defaults = KDSettings(alpha=0.1, scales="full")
+    reads_every_logit = True
 
     def build_kd_loss(self, activation: str):
         return LogitMatchingLoss(activation)

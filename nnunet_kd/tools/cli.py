@@ -92,12 +92,17 @@ def _raw_folder(raw: str | None) -> str:
 
 def generate_dataset_command(args: argparse.Namespace) -> None:
     from nnunet_kd.data.synthetic import SyntheticSpec, write_dataset
+    from nnunet_kd.data.synthetic_many_classes import write_many_class_dataset
     from nnunet_kd.data.synthetic_multimodal import write_multimodal_dataset
 
     raw = _raw_folder(args.raw)
     spec = SyntheticSpec(num_training=args.num_training, num_test=args.num_test, seed=args.seed,
                          **({"shape": tuple(args.shape)} if args.shape else {}))
-    if args.multimodal:
+    if args.multimodal and args.num_classes:
+        raise KDConfigurationError("--multimodal and --num-classes are two different datasets: pass one of them")
+    if args.num_classes:
+        print(f"wrote {write_many_class_dataset(raw, args.dataset_id or 920, args.num_classes, spec=spec)}")
+    elif args.multimodal:
         print(f"wrote {write_multimodal_dataset(raw, args.dataset_id or 910, spec=spec)}")
     else:
         print(f"wrote {write_dataset(raw, args.dataset_id or 900, spec=spec)}")
@@ -219,6 +224,19 @@ def bench_predict_command(args: argparse.Namespace) -> None:
     print(table)
     if args.output:
         Path(args.output).write_text(table + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def bench_targets_command(args: argparse.Namespace) -> None:
+    from nnunet_kd.tools.bench_targets import bench_target_formats, format_target_formats
+
+    if not os.environ.get("nnUNet_extTrainer"):
+        os.environ["nnUNet_extTrainer"] = str(TRAINERS_FOLDER)
+    result = bench_target_formats(args.dataset, args.configuration, args.plans, args.targets, args.student,
+                                  args.top_k, args.cases, loader=not args.no_loader, repeats=args.repeats)
+    table = format_target_formats(result)
+    print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 
@@ -365,18 +383,24 @@ def teacher_targets_command(args: argparse.Namespace) -> None:
                                        f"--teacher / -f / --checkpoint.")
     spec = TeacherSpec(os.path.abspath(folder), tuple(f if f == "all" else int(f) for f in folds), args.checkpoint)
     mirroring = not args.disable_tta
-    output = targets_root(_dataset_folder(args.dataset)) / (args.name or default_targets_name(spec, mirroring))
-    print(f"teacher {spec.model_folder}, folds {list(spec.folds)}, mirroring {mirroring} -> {output}")
+    output = targets_root(_dataset_folder(args.dataset)) / (
+        args.name or default_targets_name(spec, mirroring, args.format, args.top_k))
+    part = f", part {args.part_id + 1} of {args.num_parts}" if args.num_parts > 1 else ""
+    print(f"teacher {spec.model_folder}, folds {list(spec.folds)}, mirroring {mirroring}, format {args.format}"
+          f"{part} -> {output}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     manifest = write_teacher_targets(spec, _dataset_folder(args.dataset), args.plans, args.configuration, output,
-                                     mirroring, args.step_size, device, args.force)
+                                     mirroring, args.step_size, device, args.force, target_format=args.format,
+                                     top_k=args.top_k, num_parts=args.num_parts, part_id=args.part_id)
     summary = summarise(manifest)
-    print(f"{summary['cases']} cases, {summary['total_mib']:.1f} MiB on disk ({summary['mean_case_mib']:.2f} MiB per "
-          f"case; float32 uncompressed: {summary['float32_mib']:.1f} MiB). float16 against float32: largest error "
-          f"{summary['max_abs_error']:.2g} in {manifest['stored']}, {summary['max_abs_probability_error']:.2g} in "
-          f"probabilities (mean {summary['mean_abs_probability_error']:.2g}).")
-    print(f"train from them: nnUNet_KD_teacher_targets={output.name} nnUNetv2_train {args.dataset} "
-          f"{args.configuration} FOLD -tr nnUNetTrainerKDLogits -p STUDENT_PLANS")
+    stored_as = "float16" if args.format == "dense" else f"top-{args.top_k} float16"
+    print(f"{summary['cases']} cases{part and ' in this part'}, {summary['total_mib']:.1f} MiB on disk "
+          f"({summary['mean_case_mib']:.2f} MiB per case; float32 uncompressed: {summary['float32_mib']:.1f} MiB). "
+          f"{stored_as} against float32: largest error {summary['max_abs_error']:.2g} in {manifest['stored']}, "
+          f"{summary['max_abs_probability_error']:.2g} in probabilities (mean "
+          f"{summary['mean_abs_probability_error']:.2g}).")
+    print(f"train from them{' once every part has run' if part else ''}: nnUNet_KD_teacher_targets={output.name} "
+          f"nnUNetv2_train {args.dataset} {args.configuration} FOLD -tr nnUNetTrainerKDLogits -p STUDENT_PLANS")
 
 
 def demo_command(args: argparse.Namespace) -> None:
@@ -429,6 +453,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     p.add_argument("--multimodal", action="store_true",
                    help="4 channels T1, T2, FLAIR, T1CE (for nnUNetTrainerKDBarlowTwins: a student on FLAIR,T1CE "
                         "lacks T2, which shows the lesions)")
+    p.add_argument("--num-classes", type=int, default=None, metavar="N",
+                   help="N labelled structures per volume instead (default dataset id 920), e.g. 50 to measure what "
+                        "grows with the number of classes, such as stored teacher targets")
     p.set_defaults(func=generate_dataset_command)
 
     p = sub.add_parser("subset-channels", help="copy a raw dataset keeping only the named channels, renumbered "
@@ -499,6 +526,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--json", default=None)
     p.set_defaults(func=bench_infer_command)
+
+    p = bench.add_parser("targets", help="stored-target formats side by side: disk, loader seconds per batch, and "
+                                         "KD loss and gradient errors of top-k against dense targets")
+    p.add_argument("dataset", help="dataset name or id")
+    p.add_argument("--targets", required=True, help="dense targets (`nnunet_kd teacher-targets`), a name or folder")
+    p.add_argument("--student", required=True, help="a trained student model folder: its logits on whole cases "
+                                                    "are scored against each format")
+    p.add_argument("-c", "--configuration", required=True)
+    p.add_argument("-p", "--plans", required=True, help="the student's plans")
+    p.add_argument("--top-k", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--cases", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="loader batches timed per format (median)")
+    p.add_argument("--no-loader", action="store_true", help="skip the loader timing")
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=bench_targets_command)
 
     p = bench.add_parser("predict", help="whole prediction commands (stock nnUNetv2_predict, or predict-onnx for an "
                                          "export) side by side: call, start-up, per case, stages, Dice of each flag")
@@ -598,7 +640,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     p.add_argument("-step_size", "--step-size", dest="step_size", type=float, default=0.5,
                    help="sliding-window step as a fraction of the patch (default: %(default)s, nnU-Net's)")
     p.add_argument("--name", default=None, help="folder name under $nnUNet_preprocessed/<dataset>/kd_targets "
-                                                "(default: <teacher folder>__f<folds>[__nomirror])")
+                                                "(default: <teacher folder>__f<folds>[__nomirror][__top<k>])")
+    p.add_argument("--format", default="dense", choices=["dense", "topk"],
+                   help="dense: every class's log-probability per voxel; topk: the --top-k most probable classes "
+                        "and the mass outside them, a size that does not grow with the number of classes (softmax "
+                        "tasks; not for logit matching). Default: %(default)s")
+    p.add_argument("--top-k", type=int, default=4, help="classes kept per voxel with --format topk "
+                                                        "(default: %(default)s)")
+    p.add_argument("-num_parts", type=int, default=1,
+                   help="split the cases into this many parts, one process each (as nnUNetv2_predict)")
+    p.add_argument("-part_id", type=int, default=0, help="which part this process writes (0 .. num_parts - 1)")
     p.add_argument("-device", "--device", dest="device", default=None, choices=["cpu", "cuda"],
                    help="default: cuda when available")
     p.add_argument("--force", action="store_true", help="replace targets of another teacher or settings under the "
