@@ -393,6 +393,26 @@ def test_bench_step_times_stored_targets_against_online_teachers(workspace, teac
     assert "load+step ratio" in result.stdout
 
 
+def test_bench_targets_compares_top_k_with_dense_on_disk_loader_and_kd_loss(workspace, targets_3d, kd_from_targets,
+                                                                             tmp_path):
+    student = (kd_from_targets / workspace.preprocessed.name
+               / f"nnUNetTrainerKDLogits_debug__{STUDENT_PLANS}__3d_fullres")
+    out = tmp_path / "targets.json"
+    result = workspace.run("nnunet_kd", "bench", "targets", str(DATASET_ID), "--targets", targets_3d.name,
+                           "--student", str(student), "-c", "3d_fullres", "-p", STUDENT_PLANS, "--top-k", "1", "3",
+                           "--cases", "2", "--repeats", "1", "--json", str(out))
+    bench = json.loads(out.read_text())
+    rows = {row["format"]: row for row in bench["rows"]}
+    assert list(rows) == ["dense", "top-1", "top-3"] and bench["num_classes"] == 4
+    assert rows["dense"]["disk_ratio"] == 1 and all(row["loader_s"] > 0 for row in rows.values())
+    assert rows["dense"]["errors"]["soft T=2"]["max_rel_loss_error"] == 0
+    # with 4 classes top-3 leaves one class out, whose probability the tail holds exactly: float16 rounding only
+    assert rows["top-3"]["errors"]["soft T=2"]["max_rel_loss_error"] < 0.01
+    assert rows["top-1"]["errors"]["soft T=2"]["max_rel_loss_error"] > rows["top-3"]["errors"]["soft T=2"][
+        "max_rel_loss_error"]
+    assert "less disk" in result.stdout and not list(targets_3d.parent.glob("top*"))
+
+
 def test_study_runs_kd_trainers_from_stored_targets_and_compares_with_online_kd(workspace, teacher_3d, targets_3d,
                                                                                    tmp_path):
     def study(output, *extra: str, check: bool = True):
