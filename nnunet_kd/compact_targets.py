@@ -6,10 +6,14 @@ a few classes, so per voxel this keeps:
 - the indices of the `k` most probable classes (uint8 up to 256 classes, else int16),
 - their log-probabilities and, as one more value, the log of the mass outside them (the "tail"), in float16.
 
-Decoding spreads the tail evenly over the other `K - k` classes. Every probability in the top k, and the total mass
-outside it, is what the teacher said; only how the tail divides among the unlikely classes is lost. That is what a
-softened soft-target loss reads least, but logit matching reads every class's logit equally, tail included: it
-needs dense targets (the trainers say so).
+Every probability in the top k, and the total mass outside it, is what the teacher said; how the tail divides among
+the unlikely classes is not stored per voxel. Spread evenly over the other `K - k` classes it misleads a softened
+loss: at T = 2 a tail class weighs `sqrt(p)`, so 46 classes sharing a tail evenly weigh several times what one
+look-alike class holding it does, and a teacher's tail is mostly its look-alikes (Hinton et al.'s "dark knowledge").
+So a tail profile goes with the targets: per class c, the teacher's mean probability of every other class over the
+voxels whose most probable class is c and where that class is outside the top k (`tail_profile_sums`, summed over
+cases), and decoding divides each voxel's tail in proportion to its top class's row (`tail_weights`). Logit matching
+reads every class's logit equally, tail included, and needs dense targets (the trainers say so).
 """
 from __future__ import annotations
 
@@ -53,14 +57,46 @@ def encode_top_k(log_probs: torch.Tensor, k: int, class_axis: int = 0) -> tuple[
     return indices.to(index_dtype(num_classes)), torch.cat([values, tail], class_axis).half()
 
 
-def decode_top_k(indices: torch.Tensor, values: torch.Tensor, num_classes: int, class_axis: int = 1) -> torch.Tensor:
+def tail_profile_sums(log_probs: torch.Tensor, indices: torch.Tensor, chunk: int = 2 ** 20) -> torch.Tensor:
+    """(K, K) float64: row c sums, over the voxels whose most probable class is c, each class's probability where it
+    is outside the voxel's top k. `log_probs` (K, ...) and `indices` (k, ...) as `encode_top_k` takes and gives them;
+    in chunks of voxels, so that it needs little memory beside the case's own."""
+    num_classes = log_probs.shape[0]
+    flat_log_probs, flat_indices = log_probs.reshape(num_classes, -1), indices.reshape(indices.shape[0], -1).long()
+    sums = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+    for start in range(0, flat_log_probs.shape[1], chunk):
+        top = flat_indices[:, start:start + chunk]
+        tail = flat_log_probs[:, start:start + chunk].float().exp().scatter_(0, top, 0)
+        sums.index_add_(0, top[0], tail.T.double())
+    return sums
+
+
+def tail_weights(sums: torch.Tensor, floor: float = 1e-9) -> torch.Tensor:
+    """(K, K) float32 rows summing to 1 from `tail_profile_sums` (added over cases): how a voxel whose top class is c
+    divides its tail. A share of `floor` is spread evenly so that no class gets log-probability -inf (0 · log 0 is NaN
+    in a KL); it is small because at T = 2 an unlikely class weighs sqrt(p): a larger floor would lift every class the
+    teacher rules out. A class that was never on top divides its tail evenly."""
+    sums = sums.double()
+    totals = sums.sum(1, keepdim=True)
+    shares = torch.where(totals > 0, sums / totals.clamp_min(1e-300), 1.0 / sums.shape[1])
+    return ((1 - floor) * shares + floor / sums.shape[1]).float()
+
+
+def decode_top_k(indices: torch.Tensor, values: torch.Tensor, num_classes: int, class_axis: int = 1,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
     """The dense log-probabilities (float32, `num_classes` along `class_axis`) of `encode_top_k`'s output; `indices`
-    may be any dtype holding whole numbers (e.g. float channels of a training batch)."""
+    may be any dtype holding whole numbers (e.g. float channels of a training batch). The tail is divided by
+    `weights` (`tail_weights`: a row per top class), or evenly without them."""
     k = indices.shape[class_axis]
     check_top_k(k, num_classes)
-    values = values.float()
+    values, indices = values.float(), indices.round().long()
     top, tail = values.narrow(class_axis, 0, k), values.narrow(class_axis, k, 1)
-    shape = list(values.shape)
-    shape[class_axis] = num_classes
-    dense = (tail - math.log(num_classes - k)).expand(shape).clone()
-    return dense.scatter_(class_axis, indices.round().long(), top)
+    if weights is None:
+        shape = list(values.shape)
+        shape[class_axis] = num_classes
+        dense = (tail - math.log(num_classes - k)).expand(shape).clone()
+    else:
+        rows = weights.to(values.device)[indices.select(class_axis, 0)].movedim(-1, class_axis)
+        rows = rows.scatter(class_axis, indices, 0)
+        dense = tail + rows.log() - rows.sum(class_axis, keepdim=True).log()
+    return dense.scatter_(class_axis, indices, top)

@@ -28,7 +28,7 @@ from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from nnunet_kd.compact_targets import decode_top_k
 from nnunet_kd.errors import KDConfigurationError
 from nnunet_kd.losses.deep_supervision import resample_logits
-from nnunet_kd.teacher_targets import FORMATS, StoredTargets, case_files
+from nnunet_kd.teacher_targets import FORMATS, StoredTargets, case_arrays
 
 # below this share of valid voxels (after interpolation) a target voxel lies in padding the teacher never saw
 MIN_VALID = 0.5
@@ -69,7 +69,7 @@ class TargetsDataset:
 
         data, seg, seg_previous, properties = self.dataset.load_case(identifier)
         values, *indices = [blosc2.open(urlpath=str(path), mode="r", dparams={"nthreads": 1}, mmap_mode="r")
-                            for path in case_files(self.targets.folder, identifier, self.targets.manifest)]
+                            for path in case_arrays(self.targets.folder, identifier, self.targets.manifest)]
         if tuple(values.shape[1:]) != tuple(data.shape[1:]):
             raise KDConfigurationError(f"Stored teacher targets of {identifier} have shape {values.shape[1:]}, its "
                                        f"preprocessed image {data.shape[1:]}: the targets are from other "
@@ -152,13 +152,16 @@ def split_batch(data: torch.Tensor, num_image_channels: int) -> tuple[torch.Tens
     return data[:, :num_image_channels], data[:, num_image_channels:]
 
 
-def dense_targets(stored: torch.Tensor, manifest: dict, num_classes: int) -> torch.Tensor:
+def dense_targets(stored: torch.Tensor, manifest: dict, num_classes: int,
+                  tail_weights: torch.Tensor | None = None) -> torch.Tensor:
     """A batch's stored target channels (validity last) as the teacher's dense output (validity last): top-k
-    targets expanded to every class, dense ones as they are."""
+    targets expanded to every class, their tails divided by `tail_weights` (`StoredTargets.tail_weights`), dense
+    ones as they are."""
     if manifest["format"] != FORMATS["topk"]:
         return stored
     k = manifest["top_k"]
-    return torch.cat([decode_top_k(stored[:, :k], stored[:, k:2 * k + 1], num_classes), stored[:, -1:].float()], 1)
+    decoded = decode_top_k(stored[:, :k], stored[:, k:2 * k + 1], num_classes, weights=tail_weights)
+    return torch.cat([decoded, stored[:, -1:].float()], 1)
 
 
 def teacher_outputs_from_targets(targets: torch.Tensor,

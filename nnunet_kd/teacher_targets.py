@@ -7,7 +7,8 @@ resampling), and stores per case, in float16 blosc2 like nnU-Net's preprocessed 
   the class-centred logit matching ignore;
 - sigmoid (region) tasks: the logits.
 With `target_format="topk"` (softmax tasks) a case stores per voxel only the k most probable classes and the mass
-outside them (`nnunet_kd.compact_targets`): its size does not grow with the number of classes.
+outside them, and per case the sums of a tail profile (`nnunet_kd.compact_targets`): its size per voxel does not grow
+with the number of classes.
 A manifest records where the targets come from and which preprocessed voxels and labels they belong to. Large
 datasets split the work as `nnUNetv2_predict` does (`num_parts`, `part_id`): each part keeps its own manifest, and
 reading them checks that every part was written by the same teacher with the same settings.
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from nnunet_kd import __version__
-from nnunet_kd.compact_targets import check_top_k, decode_top_k, encode_top_k
+from nnunet_kd.compact_targets import check_top_k, decode_top_k, encode_top_k, tail_profile_sums, tail_weights
 from nnunet_kd.cpu_inference import use_onednn_convolutions
 from nnunet_kd.errors import KDConfigurationError
 from nnunet_kd.settings import ENV_TEACHER_TARGETS
@@ -41,14 +42,27 @@ PART_MANIFESTS = "manifest_part*.json"
 FORMATS = {"dense": "blosc2-float16", "topk": "blosc2-topk-float16"}
 CASE_SUFFIX = ".b2nd"
 INDICES_SUFFIX = ".indices.b2nd"  # top-k: the class indices beside the values in <case>.b2nd
+TAIL_SUFFIX = ".tail_profile.npy"  # top-k: the case's tail profile sums, (K, K) float64
 
 
 def case_files(folder: Path, identifier: str, manifest: dict) -> list[Path]:
-    """A case's files: the stored values, and for top-k targets the class indices."""
+    """A case's files: the stored values, and for top-k targets the class indices and the tail profile sums."""
     files = [Path(folder) / f"{identifier}{CASE_SUFFIX}"]
     if manifest["format"] == FORMATS["topk"]:
-        files.append(Path(folder) / f"{identifier}{INDICES_SUFFIX}")
+        files += [Path(folder) / f"{identifier}{INDICES_SUFFIX}", Path(folder) / f"{identifier}{TAIL_SUFFIX}"]
     return files
+
+
+def case_arrays(folder: Path, identifier: str, manifest: dict) -> list[Path]:
+    """A case's blosc2 arrays: the stored values, and for top-k targets the class indices."""
+    return [path for path in case_files(folder, identifier, manifest) if path.name.endswith(CASE_SUFFIX)]
+
+
+def save_tail_profile(sums: torch.Tensor, path: Path) -> None:
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as file:
+        np.save(file, sums.double().numpy())
+    os.replace(partial, path)
 
 
 def targets_root(preprocessed_dataset_folder: str | Path) -> Path:
@@ -95,8 +109,11 @@ def _store_case(stored: torch.Tensor, identifier: str, output: Path, manifest: d
     paths = case_files(output, identifier, manifest)
     if manifest["format"] == FORMATS["topk"]:
         indices, values = encode_top_k(stored, manifest["top_k"])
+        sums = tail_profile_sums(stored, indices)
         _save_case(indices.numpy(), paths[1], patch_size)
-        decoded = decode_top_k(indices[None], values[None], stored.shape[0])[0]
+        save_tail_profile(sums, paths[2])
+        # the case's own profile: training divides the tail by the profile of every case together
+        decoded = decode_top_k(indices[None], values[None], stored.shape[0], weights=tail_weights(sums))[0]
     else:
         values = stored.half()
         decoded = values.float()
@@ -236,7 +253,8 @@ def write_teacher_targets(teacher: TeacherSpec, preprocessed_dataset_folder: str
                 f"another --name, or --force to replace them.")
         existing = None
     if existing is None and output.is_dir() and force:
-        for stale in [*output.glob(f"*{CASE_SUFFIX}"), *output.glob(MANIFEST), *output.glob(PART_MANIFESTS)]:
+        for stale in [*output.glob(f"*{CASE_SUFFIX}"), *output.glob(f"*{TAIL_SUFFIX}"), *output.glob(MANIFEST),
+                      *output.glob(PART_MANIFESTS)]:
             stale.unlink()
     dataset_class = infer_dataset_class(str(data_folder))
     identifiers = sorted(dataset_class.get_identifiers(str(data_folder)))[part_id::num_parts]
@@ -296,6 +314,15 @@ class StoredTargets:
             f"{ENV_TEACHER_TARGETS}={name_or_folder!r}: no stored teacher targets there (looked in "
             f"{[str(c) for c in candidates]}; available: {available or 'none'}). Write them with `nnunet_kd "
             f"teacher-targets`, or unset {ENV_TEACHER_TARGETS} to run the teacher online.")
+
+    def tail_weights(self, identifiers: Sequence[str] | None = None) -> torch.Tensor | None:
+        """Top-k targets: how a voxel's tail divides among the classes outside its top k (one row per top class), from
+        the tail profiles of `identifiers` (default: every stored case); None for dense targets."""
+        if self.manifest["format"] != FORMATS["topk"]:
+            return None
+        cases = sorted(self.manifest["cases"]) if identifiers is None else identifiers
+        return tail_weights(sum(torch.from_numpy(np.load(self.folder / f"{identifier}{TAIL_SUFFIX}"))
+                                for identifier in cases))
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(_identity(self.manifest), sort_keys=True).encode()).hexdigest()

@@ -71,6 +71,7 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
         self.teacher: FrozenTeacher | None = None
         self.targets_request = RunEnvironment.read().teacher_targets  # a name or folder, or None: online teacher
         self.stored_targets: StoredTargets | None = None
+        self.tail_weights: torch.Tensor | None = None  # top-k targets: how a voxel's tail divides (compact_targets)
         self.kd_terms: dict[str, tuple[nn.Module, float]] = {}
 
     def build_kd_loss(self, activation: str) -> nn.Module:
@@ -143,6 +144,9 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
                                        f"teach this student ({self.plans_manager.plans_name}, "
                                        f"{self.configuration_name}, fold {self.fold}):\n  - " + "\n  - ".join(problems))
         self.stored_targets = targets
+        self.tail_weights = targets.tail_weights(self.do_split()[0])
+        if self.tail_weights is not None:
+            self.tail_weights = self.tail_weights.to(self.device)
         self.set_kd_terms()
         self.print_to_log_file(f"Knowledge distillation ({type(self).__name__}) from stored teacher targets "
                                f"{targets.folder} (teacher {targets.manifest['teacher']['model_folder']} folds "
@@ -286,7 +290,8 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
         """The teacher network's output, or the stored targets at the resolution of each output in `like`."""
         if stored is None:
             return self.teacher(data)
-        dense = dense_targets(stored, self.stored_targets.manifest, self.label_manager.num_segmentation_heads)
+        dense = dense_targets(stored, self.stored_targets.manifest, self.label_manager.num_segmentation_heads,
+                              self.tail_weights)
         return teacher_outputs_from_targets(dense, like)
 
     # ---- training ----

@@ -6,7 +6,14 @@ import math
 import pytest
 import torch
 
-from nnunet_kd.compact_targets import TAIL_FLOOR, decode_top_k, encode_top_k, index_dtype
+from nnunet_kd.compact_targets import (
+    TAIL_FLOOR,
+    decode_top_k,
+    encode_top_k,
+    index_dtype,
+    tail_profile_sums,
+    tail_weights,
+)
 from nnunet_kd.losses import SoftTargetKDLoss
 
 
@@ -78,3 +85,48 @@ def test_soft_target_loss_from_top_k_approaches_dense_as_k_grows_and_matches_it_
     assert all(a[0] >= b[0] and a[1] >= b[1] for a, b in zip(errors, errors[1:])), errors
     assert errors[-1][0] < 2e-3 and errors[-1][1] < 1e-2, errors  # float16 rounding only
     assert math.isfinite(errors[0][0])
+
+
+def _look_alike_log_probs(num_classes: int, shape=(24, 24), seed: int = 0) -> torch.Tensor:
+    """A teacher whose tail is its top class's look-alikes: class c+1 and c+2 hold what the top class leaves, in the
+    same proportion everywhere, as a trained teacher's confusions follow the classes, not the voxel."""
+    generator = torch.Generator().manual_seed(seed)
+    winner = torch.randint(num_classes, shape, generator=generator)
+    logits = torch.full((num_classes, *shape), -12.0) + 0.01 * torch.randn(num_classes, *shape, generator=generator)
+    confidence = 4 + 3 * torch.rand(shape, generator=generator)
+    for offset, logit in ((0, confidence), (1, torch.zeros(shape)), (2, torch.full(shape, -1.0))):
+        logits.scatter_(0, ((winner + offset) % num_classes)[None], logit[None])
+    return torch.log_softmax(logits, 0)
+
+
+def test_tail_profile_sums_what_each_top_class_leaves_outside_its_top_k():
+    log_probs = _look_alike_log_probs(10)
+    indices, _ = encode_top_k(log_probs, 1)
+    sums = tail_profile_sums(log_probs, indices, chunk=100)  # several chunks
+    probabilities, top = log_probs.exp().reshape(10, -1), indices.reshape(-1).long()
+    for c in (0, 3):
+        expected = probabilities[:, top == c].sum(1).double()
+        expected[c] = 0  # inside the top 1
+        assert torch.allclose(sums[c], expected, rtol=1e-5)
+    weights = tail_weights(sums)
+    assert torch.allclose(weights.sum(1), torch.ones(10)) and (weights > 0).all()
+    assert torch.allclose(tail_weights(torch.zeros(3, 3)), torch.full((3, 3), 1 / 3))  # never on top: even
+
+
+def test_tail_profile_recovers_look_alike_tails_that_an_even_spread_gets_wrong():
+    teacher = _look_alike_log_probs(30)[None]
+    student = (teacher + 0.3 * torch.randn_like(teacher)).requires_grad_()
+    kd = SoftTargetKDLoss(2.0)
+    dense_loss = kd(student, teacher)
+    dense_grad, = torch.autograd.grad(dense_loss, student)
+    indices, values = encode_top_k(teacher[0], 1)
+    weights = tail_weights(tail_profile_sums(teacher[0], indices))
+    errors = {}
+    for name, w in (("even", None), ("profile", weights)):
+        decoded = decode_top_k(indices[None], values[None], 30, weights=w)
+        assert torch.allclose(decoded.exp().sum(1), torch.ones(1, 24, 24), atol=2e-3)
+        loss = kd(student, decoded)
+        grad, = torch.autograd.grad(loss, student)
+        errors[name] = (abs(loss.item() / dense_loss.item() - 1), float((grad - dense_grad).norm() / dense_grad.norm()))
+    assert errors["profile"][0] < 0.02 and errors["profile"][1] < 0.05, errors
+    assert errors["even"][0] > 10 * errors["profile"][0], errors

@@ -11,11 +11,18 @@ import torch
 from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from conftest import DATASET_ID, STUDENT_PLANS, copy_model_folder, edit_json
 
-from nnunet_kd.compact_targets import encode_top_k
+from nnunet_kd.compact_targets import encode_top_k, tail_profile_sums
 from nnunet_kd.cpu_inference import use_onednn_convolutions
 from nnunet_kd.errors import KDConfigurationError
 from nnunet_kd.targets_loader import _ChannelStack, dense_targets, split_batch, teacher_outputs_from_targets
-from nnunet_kd.teacher_targets import INDICES_SUFFIX, MANIFEST, TARGETS_FOLDER, _save_case
+from nnunet_kd.teacher_targets import (
+    INDICES_SUFFIX,
+    MANIFEST,
+    TAIL_SUFFIX,
+    TARGETS_FOLDER,
+    _save_case,
+    save_tail_profile,
+)
 
 
 # ---- pure pieces ----
@@ -187,6 +194,8 @@ def test_top_k_targets_follow_the_augmentation_from_their_nearest_source_voxel(w
         indices, values = encode_top_k(torch.log_softmax(20 * onehot, 0), 2)
         _save_case(values.numpy(), path, (32, 40, 40))
         _save_case(indices.numpy(), path.with_name(path.name.replace(".b2nd", INDICES_SUFFIX)), (32, 40, 40))
+        save_tail_profile(tail_profile_sums(torch.log_softmax(20 * onehot, 0), indices),
+                          path.with_name(path.name.replace(".b2nd", TAIL_SUFFIX)))
         stored_values |= set(values.float().unique().tolist())
     edit_json(folder / MANIFEST, lambda m: m.update(format="blosc2-topk-float16", top_k=2))
     torch.manual_seed(0)
@@ -203,7 +212,8 @@ def test_top_k_targets_follow_the_augmentation_from_their_nearest_source_voxel(w
         assert image.shape[1] == 1 and stored.shape[1] == 2 + 3 + 1  # indices, values + tail, validity
         valid = stored[:, -1] >= 0.5
         assert set(stored[:, 2:5].permute(1, 0, 2, 3, 4)[:, valid].unique().tolist()) <= stored_values
-        (teacher,) = teacher_outputs_from_targets(dense_targets(stored, trainer.stored_targets.manifest, 4),
+        dense = dense_targets(stored, trainer.stored_targets.manifest, 4, trainer.tail_weights)
+        (teacher,) = teacher_outputs_from_targets(dense,
                                                   torch.zeros(stored.shape[0], 4, *stored.shape[2:]))
         label = batch["target"][0][:, 0]
         agree += (teacher.argmax(1) == label)[valid].sum().item()
@@ -224,7 +234,8 @@ def test_top_k_targets_written_in_parts_teach_kd_and_parts_of_other_settings_are
     folder = workspace.preprocessed / TARGETS_FOLDER / name
     part0 = json.loads((folder / "manifest_part0of2.json").read_text())
     assert part0["format"] == "blosc2-topk-float16" and part0["top_k"] == 2 and len(part0["cases"]) == 5
-    assert all((folder / f"{case}{INDICES_SUFFIX}").is_file() for case in part0["cases"])
+    assert all((folder / f"{case}{suffix}").is_file() for case in part0["cases"]
+               for suffix in (INDICES_SUFFIX, TAIL_SUFFIX))
 
     refused = workspace.run(*common, "--top-k", "3", "-part_id", "1", check=False)
     assert refused.returncode == 2 and "another teacher or other settings" in refused.stderr
@@ -404,11 +415,13 @@ def test_bench_targets_compares_top_k_with_dense_on_disk_loader_and_kd_loss(work
                            "--cases", "2", "--repeats", "1", "--json", str(out))
     bench = json.loads(out.read_text())
     rows = {row["format"]: row for row in bench["rows"]}
-    assert list(rows) == ["dense", "top-1", "top-3"] and bench["num_classes"] == 4
+    assert list(rows) == ["dense", "top-1", "top-1 even tail", "top-3", "top-3 even tail"]
+    assert bench["num_classes"] == 4
     assert rows["dense"]["disk_ratio"] == 1 and all(row["loader_s"] > 0 for row in rows.values())
     assert rows["dense"]["errors"]["soft T=2"]["max_rel_loss_error"] == 0
     # with 4 classes top-3 leaves one class out, whose probability the tail holds exactly: float16 rounding only
     assert rows["top-3"]["errors"]["soft T=2"]["max_rel_loss_error"] < 0.01
+    assert rows["top-3 even tail"]["errors"]["soft T=2"]["max_rel_loss_error"] < 0.01
     assert rows["top-1"]["errors"]["soft T=2"]["max_rel_loss_error"] > rows["top-3"]["errors"]["soft T=2"][
         "max_rel_loss_error"]
     # the top-k variants live in a scratch folder: the dataset's stored targets are as they were
