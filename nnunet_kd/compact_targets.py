@@ -58,16 +58,19 @@ def encode_top_k(log_probs: torch.Tensor, k: int, class_axis: int = 0) -> tuple[
 
 
 def tail_profile_sums(log_probs: torch.Tensor, indices: torch.Tensor, chunk: int = 2 ** 20) -> torch.Tensor:
-    """(K, K) float64: row c sums, over the voxels whose most probable class is c, each class's probability where it
-    is outside the voxel's top k. `log_probs` (K, ...) and `indices` (k, ...) as `encode_top_k` takes and gives them;
-    in chunks of voxels, so that it needs little memory beside the case's own."""
+    """(K, K) float64 on `log_probs`' device: row c sums, over the voxels whose most probable class is c, each class's
+    probability where it is outside the voxel's top k. `log_probs` (K, ...) and `indices` (k, ...) as `encode_top_k`
+    takes and gives them; in chunks of voxels, so that it needs little memory beside the case's own."""
     num_classes = log_probs.shape[0]
     flat_log_probs, flat_indices = log_probs.reshape(num_classes, -1), indices.reshape(indices.shape[0], -1).long()
-    sums = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+    sums = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=log_probs.device)
     for start in range(0, flat_log_probs.shape[1], chunk):
         top = flat_indices[:, start:start + chunk]
         tail = flat_log_probs[:, start:start + chunk].float().exp().scatter_(0, top, 0)
-        sums.index_add_(0, top[0], tail.T.double())
+        # into column c (top class) of a (class, top class) matrix: index_add along the voxels as they lie in
+        # memory, 5x faster on a CPU than into rows of the transposed copy
+        by_top_class = torch.zeros_like(sums, dtype=torch.float32).index_add_(1, top[0], tail)
+        sums += by_top_class.T.double()
     return sums
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -90,35 +91,61 @@ def _identity(manifest: dict) -> dict:
                                   if k not in ("cases", "created", "finished", "nnunet_kd_version")}))
 
 
-def _case_statistics(stored: torch.Tensor, decoded: torch.Tensor, softmax: bool, paths: Sequence[Path]) -> dict:
-    """Disk use and what the stored format loses against float32 (`decoded`: what training reads back), in the
-    stored quantity and in probabilities."""
-    if softmax:
-        probabilities, probabilities_read = torch.exp(stored), torch.softmax(decoded, 0)
-    else:
-        probabilities, probabilities_read = torch.sigmoid(stored), torch.sigmoid(decoded)
-    return {"shape": list(stored.shape), "bytes": sum(p.stat().st_size for p in paths),
-            "max_abs_error": float((decoded - stored).abs().max()),
-            "max_abs_probability_error": float((probabilities_read - probabilities).abs().max()),
-            "mean_abs_probability_error": float((probabilities_read - probabilities).abs().mean())}
+# voxels per slab of the per-voxel work: a slab's float32 copies of a 117-class output stay under ~1 GB
+SLAB_VOXELS = 2 ** 21
 
 
-def _store_case(stored: torch.Tensor, identifier: str, output: Path, manifest: dict,
-                patch_size: Sequence[int]) -> dict:
-    """Write one case in the manifest's format; returns its statistics."""
+def _slabs(logits: torch.Tensor) -> list[torch.Tensor]:
+    """(K, z, ...) split along z into slabs of about SLAB_VOXELS voxels."""
+    return list(logits.split(max(1, SLAB_VOXELS // math.prod(logits.shape[2:])), 1))
+
+
+def _stored_quantity(logits: torch.Tensor, softmax: bool) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), 0) if softmax else logits.float()
+
+
+def _store_case(logits: torch.Tensor, identifier: str, output: Path, manifest: dict, patch_size: Sequence[int],
+                device: torch.device | str = "cpu") -> dict:
+    """Write one case (the teacher's float32 output, on the CPU as nnU-Net returns it) in the manifest's format;
+    returns its disk use and what the format loses against float32, in the stored quantity and in probabilities.
+
+    The per-voxel work runs on `device` one slab at a time: a 117-class CT's float32 output is tens of GB, so neither
+    the device nor the host should hold several copies of it at once.
+    """
+    device = torch.device(device)
+    softmax = manifest["activation"] == "softmax"
+    top_k = manifest.get("top_k") if manifest["format"] == FORMATS["topk"] else None
     paths = case_files(output, identifier, manifest)
-    if manifest["format"] == FORMATS["topk"]:
-        indices, values = encode_top_k(stored, manifest["top_k"])
-        sums = tail_profile_sums(stored, indices)
-        _save_case(indices.numpy(), paths[1], patch_size)
-        save_tail_profile(sums, paths[2])
-        # the case's own profile: training divides the tail by the profile of every case together
-        decoded = decode_top_k(indices[None], values[None], stored.shape[0], weights=tail_weights(sums))[0]
-    else:
-        values = stored.half()
-        decoded = values.float()
-    _save_case(values.numpy(), paths[0], patch_size)
-    return _case_statistics(stored, decoded, manifest["activation"] == "softmax", paths)
+    encoded, sums = [], None
+    for slab in _slabs(logits):
+        stored = _stored_quantity(slab.to(device), softmax)
+        if top_k is None:
+            encoded.append((stored.half().cpu(), None))
+            continue
+        indices, values = encode_top_k(stored, top_k)
+        slab_sums = tail_profile_sums(stored, indices)
+        sums = slab_sums if sums is None else sums + slab_sums
+        encoded.append((values.cpu(), indices.cpu()))
+    _save_case(torch.cat([values for values, _ in encoded], 1).numpy(), paths[0], patch_size)
+    weights = None
+    if top_k is not None:
+        _save_case(torch.cat([indices for _, indices in encoded], 1).numpy(), paths[1], patch_size)
+        save_tail_profile(sums.cpu(), paths[2])
+        # decoded with the case's own profile: training divides the tail by the profile of every case together
+        weights = tail_weights(sums.cpu()).to(device)
+    max_error = max_probability_error = sum_probability_error = 0.0
+    for slab, (values, indices) in zip(_slabs(logits), encoded):
+        stored, values = _stored_quantity(slab.to(device), softmax), values.to(device)
+        read = values.float() if indices is None else decode_top_k(indices.to(device)[None], values[None],
+                                                                    stored.shape[0], weights=weights)[0]
+        probability_error = ((stored.exp() - read.softmax(0)) if softmax
+                             else (stored.sigmoid() - read.sigmoid())).abs()
+        max_error = max(max_error, float((read - stored).abs().max()))
+        max_probability_error = max(max_probability_error, float(probability_error.max()))
+        sum_probability_error += float(probability_error.double().sum())
+    return {"shape": list(logits.shape), "bytes": sum(p.stat().st_size for p in paths), "max_abs_error": max_error,
+            "max_abs_probability_error": max_probability_error,
+            "mean_abs_probability_error": sum_probability_error / logits.numel()}
 
 
 def read_manifests(folder: Path) -> dict | None:
@@ -271,8 +298,8 @@ def write_teacher_targets(teacher: TeacherSpec, preprocessed_dataset_folder: str
         data = np.asarray(dataset.load_case(identifier)[0][:], dtype=np.float32)
         with torch.no_grad():
             logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).float().cpu()
-        stored = torch.log_softmax(logits, 0) if softmax else logits
-        manifest["cases"][identifier] = _store_case(stored, identifier, output, manifest, config.patch_size)
+            manifest["cases"][identifier] = _store_case(logits, identifier, output, manifest, config.patch_size,
+                                                        torch_device)
         _write_json_atomically(manifest_path, manifest)
     manifest["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     _write_json_atomically(manifest_path, manifest)

@@ -16,11 +16,14 @@ from nnunet_kd.cpu_inference import use_onednn_convolutions
 from nnunet_kd.errors import KDConfigurationError
 from nnunet_kd.targets_loader import _ChannelStack, dense_targets, split_batch, teacher_outputs_from_targets
 from nnunet_kd.teacher_targets import (
+    FORMATS,
     INDICES_SUFFIX,
     MANIFEST,
     TAIL_SUFFIX,
     TARGETS_FOLDER,
     _save_case,
+    _store_case,
+    case_files,
     save_tail_profile,
 )
 
@@ -50,6 +53,34 @@ def test_half_valid_border_voxels_are_rescaled_not_shrunk():
     validity[..., 0] = 0.6  # a border voxel interpolated from 60 % image and 40 % zero padding
     (teacher,) = teacher_outputs_from_targets(torch.cat([values * validity, validity], 1), torch.zeros(1, 2, 4, 4))
     assert torch.allclose(teacher, values)
+
+
+@pytest.mark.parametrize("target_format", ["dense", "topk"])
+def test_a_case_is_stored_alike_whole_or_in_slabs(tmp_path, monkeypatch, target_format):
+    """A many-class CT is encoded a slab at a time (memory): the files and statistics equal those of one slab."""
+    import blosc2
+
+    from nnunet_kd import teacher_targets
+
+    logits = 4 * torch.randn(12, 10, 6, 7, generator=torch.Generator().manual_seed(0))
+    manifest = {"format": FORMATS[target_format], "top_k": 3, "activation": "softmax"}
+    stored = {}
+    for slab_voxels in (10 ** 6, 2 * 6 * 7):  # the whole case, then slabs of two planes
+        monkeypatch.setattr(teacher_targets, "SLAB_VOXELS", slab_voxels)
+        folder = tmp_path / str(slab_voxels)
+        folder.mkdir()
+        statistics = _store_case(logits, "case", folder, manifest, (4, 6, 7))
+        arrays = [blosc2.open(str(p))[:] for p in case_files(folder, "case", manifest) if p.suffix == ".b2nd"]
+        stored[slab_voxels] = statistics, arrays, sorted(p.name for p in folder.iterdir())
+    (whole, whole_arrays, whole_files), (slabs, slab_arrays, slab_files) = stored.values()
+    assert whole_files == slab_files and all(np.array_equal(a, b) for a, b in zip(whole_arrays, slab_arrays))
+    assert whole.keys() == slabs.keys() and all(whole[k] == pytest.approx(slabs[k], rel=1e-5) for k in whole)
+    if target_format == "dense":
+        assert whole["max_abs_probability_error"] < 1e-3  # float16 rounding only
+    else:
+        assert whole_arrays[0].shape == (4, 10, 6, 7) and whole_arrays[1].shape == (3, 10, 6, 7)
+        profiles = [np.load(tmp_path / str(n) / f"case{TAIL_SUFFIX}") for n in stored]
+        assert profiles[0].shape == (12, 12) and np.allclose(*profiles, rtol=1e-6)
 
 
 def test_split_batch_separates_image_from_targets():
