@@ -159,6 +159,22 @@ class ChannelSlice:
         return self.indices[name][self.input_dims[name]]
 
 
+class SlicedNetworks(nn.Module):
+    """The master network as one module whose forward runs narrow networks on slices of its weights.
+
+    This is what DDP wraps: every slice's gradient lands on the master's parameters, which keep their shapes whatever
+    the narrow networks' widths, and a call through the wrapper is what lets DDP reduce those gradients (the narrow
+    networks' own parameters are swapped out while they run, so they must not be in the wrapper).
+    """
+
+    def __init__(self, master: nn.Module) -> None:
+        super().__init__()
+        self.master = master
+
+    def forward(self, x: torch.Tensor, *slices: ChannelSlice) -> list:
+        return [narrow(x) for narrow in slices]
+
+
 def _tensors(network: nn.Module, parameters_only: bool = False) -> dict[str, torch.Tensor]:
     return {**dict(network.named_parameters()), **({} if parameters_only else dict(network.named_buffers()))}
 

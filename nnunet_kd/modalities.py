@@ -183,7 +183,8 @@ def build_network_checking_channels(plans_manager, configuration_manager, num_in
 class SelectChannels(nn.Module):
     """Feeds the wrapped network only some input channels (nnU-Net's own final validation reads full-channel cases).
 
-    `decoder` is the wrapped network's, so nnU-Net can switch deep supervision through the wrapper.
+    `decoder` is the wrapped network's (through nnU-Net's DDP wrapper too), so nnU-Net can switch deep supervision
+    through this one; under DDP nnU-Net reaches for that switch through `.module`, which is this wrapper itself.
     """
 
     def __init__(self, network: nn.Module, indices: tuple[int, ...]) -> None:
@@ -192,8 +193,12 @@ class SelectChannels(nn.Module):
         self.indices = list(indices)
 
     @property
+    def module(self) -> nn.Module:
+        return self
+
+    @property
     def decoder(self) -> nn.Module:
-        return self.network.decoder
+        return getattr(self.network, "module", self.network).decoder
 
     def forward(self, x):
         return self.network(x[:, self.indices])

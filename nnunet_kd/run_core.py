@@ -8,7 +8,9 @@
 - extra state a method needs to resume exactly (a master network, a jointly trained teacher): one companion file per
   nnU-Net checkpoint, `<checkpoint>.kd_state.pth`, so nnU-Net's own checkpoint holds the student alone;
 - nnU-Net's optimiser and update over whatever the method trains, and the per-epoch logging of the loss parts
-  (`train_<part>`, also drawn in progress.png).
+  (`train_<part>`, also drawn in progress.png);
+- DDP (`nnUNetv2_train ... -num_gpus N`): nnU-Net wraps the student; a module the method trains beside it (a joint
+  teacher, a master network) gets the same wrapper (`ddp_wrapped`), and the logged loss parts are means over all ranks.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from torch import distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunet_kd import __version__
 from nnunet_kd.checkpoints import load_checkpoint
@@ -148,6 +152,18 @@ class nnUNetTrainerKDRun(StudentChannelsMixin, nnUNetTrainer):
         optimizer = torch.optim.SGD(list(parameters), self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
                                     nesterov=True)
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    def ddp_wrapped(self, module: nn.Module) -> nn.Module:
+        """`module`, trained beside the student, wrapped as nnU-Net wraps the student under DDP: BatchNorm synchronised
+        and gradients averaged over the ranks in backward. Without DDP, or with nothing to train, the module itself.
+
+        Call its forward through the wrapper and keep the module for checkpoints, like `self.network.module`.
+        """
+        if not self.is_ddp or not any(p.requires_grad for p in module.parameters()):
+            return module  # DDP refuses a module without trainable parameters: there is nothing to synchronise
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        # nnU-Net puts rank r on cuda:r; on CPU (gloo) DDP takes no device_ids
+        return DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def finish_step(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], **logged) -> dict:
         """nnU-Net's update (scaled on CUDA, clipped) and what train_step returns: the loss and each part."""

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Every trainer on one device with nnU-Net's defaults there (on CUDA: autocast, torch.compile where nnU-Net enables
-# it), a --c resume, stock nnUNetv2_predict of each student: one line per check, OK or FAIL with its log.
+# it), a --c resume, stock nnUNetv2_predict of each student: one line per check, OK or FAIL with its log. Where two
+# GPUs are present, also nnU-Net's DDP (-num_gpus 2) for the trainers that train more than the student or keep a frozen
+# teacher beside it; with fewer GPUs that line says SKIP.
 # Sized for a few minutes of one H100 (generated 3D data, `_debug` schedules); on a CPU it takes about 10 minutes.
 #
 # Usage: bash setup_scripts/gpu_check.sh [--device cuda|cpu] [WORKDIR]     (default: cuda, a new temporary folder)
@@ -65,5 +67,18 @@ check "nnUNetTrainerKDBarlowTwins: nnUNetv2_predict from 2 channels" bash -c "
   nnUNetv2_predict -i \$nnUNet_raw/Dataset952_KDSyntheticMultiModal_FLAIRT1CE/imagesTs -o $work/predictions/bt \
     -d 951 -c 3d_fullres -f 0 -tr nnUNetTrainerKDBarlowTwins_debug -device $device -npp 1 -nps 1 \
     --disable_progress_bar && ls $work/predictions/bt/*.nii.gz"
+# DDP on fold 1 (the fold-0 teacher), so that the single-device runs above stay as they are: the frozen teacher outside
+# the wrapper, the growing master network and Barlow Twins' joint teacher and projector synchronised beside the student
+gpus=$([ "$device" = cuda ] && python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "${gpus:-0}" -ge 2 ]; then
+  for trainer in nnUNetTrainerKDLogits nnUNetTrainerKDGrowingAssistant; do
+    check "$trainer: train on 2 GPUs (DDP)" env nnUNet_KD_teacher_folds=0 \
+      nnUNetv2_train 950 3d_fullres 1 -tr "${trainer}_debug" -p $student -num_gpus 2
+  done
+  check "nnUNetTrainerKDBarlowTwins: train on 2 GPUs (DDP)" env nnUNet_KD_student_channels=FLAIR,T1CE \
+    nnUNet_KD_teacher= nnUNetv2_train 951 3d_fullres 1 -tr nnUNetTrainerKDBarlowTwins_debug -num_gpus 2
+else
+  printf 'SKIP  %-58s (%s GPU(s) on %s)\n' "training on 2 GPUs (DDP, -num_gpus 2)" "${gpus:-0}" "$device"
+fi
 echo "$failures failed; logs in $work/logs"
 exit $((failures > 0))

@@ -8,7 +8,9 @@ every bottleneck voxel a sample. `self.network` is the student: checkpoints, val
 alone, and its model folder's dataset.json and plans.json describe only its channels. The teacher is a complete
 model folder of its own, `<model folder>/teacher/` (for nnUNetv2_predict_from_modelfolder), written with the final and
 best student checkpoints; teacher and projector weights travel in each checkpoint's companion file
-(nnunet_kd.run_core), so --c resumes exactly. Environment overrides: see nnunet_kd.settings.BarlowTwinsSettings.
+(nnunet_kd.run_core), so --c resumes exactly. Under DDP the teacher and the projector train in wrappers of their
+own beside nnU-Net's student wrapper, and L_BT is that of every rank's voxels together. Environment overrides: see
+nnunet_kd.settings.BarlowTwinsSettings.
 """
 from __future__ import annotations
 
@@ -55,6 +57,9 @@ class nnUNetTrainerKDBarlowTwins(nnUNetTrainerKDRun):
         self.channels_request = self.kd_settings.student_channels or None
         self.teacher: nn.Module | None = None
         self.barlow_twins: BarlowTwinsLoss | None = None
+        # what the step calls: their DDP wrappers under DDP (checkpoints hold the modules), else the modules themselves
+        self.synced_teacher: nn.Module | None = None
+        self.synced_barlow_twins: nn.Module | None = None
         self._features: dict[str, torch.Tensor] = {}
         self._capture = False
 
@@ -67,12 +72,15 @@ class nnUNetTrainerKDBarlowTwins(nnUNetTrainerKDRun):
 
     # ---- set-up: the student's view of the data replaces the dataset's (StudentChannelsMixin) ----
     def initialize(self):
-        if not self.was_initialized:
-            if self.is_ddp:
-                raise KDConfigurationError(f"{type(self).__name__} trains on one device; run it without DDP.")
-            if not self.channels_request:
-                select_channels(self.full_dataset_json, "")  # required: says which channels there are to choose
+        if not self.was_initialized and not self.channels_request:
+            select_channels(self.full_dataset_json, "")  # required: says which channels there are to choose
         super().initialize()
+        # Each trained module in a DDP wrapper of its own, not one wrapper around student, teacher and projector:
+        # nnU-Net's checkpoints, validation and deep-supervision switch need `self.network` to wrap the student alone,
+        # and a parameter in two wrappers would be reduced twice. The wrappers reduce in the backward pass's order,
+        # which is the same on every rank.
+        self.synced_teacher = self.ddp_wrapped(self.teacher)
+        self.synced_barlow_twins = self.ddp_wrapped(self.barlow_twins)
 
     def _do_i_compile(self) -> bool:
         # hooks added to a compiled network are not traced, and the teacher is a second network: stay eager
@@ -90,8 +98,8 @@ class nnUNetTrainerKDBarlowTwins(nnUNetTrainerKDRun):
             self.label_manager.num_segmentation_heads, self.enable_deep_supervision).to(self.device)
         student_bottleneck, teacher_bottleneck = _bottleneck(self.network), _bottleneck(self.teacher)
         self.barlow_twins = BarlowTwinsLoss(_out_channels(student_bottleneck), self.kd_settings.barlow_lambda,
-                                            self.kd_settings.projector_dim,
-                                            len(self.configuration_manager.patch_size)).to(self.device)
+                                            self.kd_settings.projector_dim, len(self.configuration_manager.patch_size),
+                                            ddp=self.is_ddp).to(self.device)
         student_bottleneck.register_forward_hook(self._keep_features("student"))
         teacher_bottleneck.register_forward_hook(self._keep_features("teacher"))
 
@@ -164,8 +172,8 @@ class nnUNetTrainerKDBarlowTwins(nnUNetTrainerKDRun):
     # ---- training and validation ----
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
-        self.teacher.train()
-        self.barlow_twins.train()
+        self.synced_teacher.train()
+        self.synced_barlow_twins.train()
 
     def train_step(self, batch: dict) -> dict:
         data, target = batch_to_device(batch, self.device)
@@ -181,14 +189,14 @@ class nnUNetTrainerKDBarlowTwins(nnUNetTrainerKDRun):
         self._capture = True
         try:
             with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-                teacher_output = self.teacher(data)
+                teacher_output = self.synced_teacher(data)
                 student_output = self.network(self.student_input(data))
                 parts = {"student_seg_loss": self.loss(student_output, target),
                          "teacher_seg_loss": self.loss(teacher_output, target)}
             teacher_features = self._features["teacher"]
             if not self.kd_settings.teacher_receives_kd:
                 teacher_features = teacher_features.detach()
-            parts["barlow_twins_loss"] = self.barlow_twins(self._features["student"], teacher_features)  # float32
+            parts["barlow_twins_loss"] = self.synced_barlow_twins(self._features["student"], teacher_features)  # fp32
         finally:
             self._capture = False
             self._features.clear()

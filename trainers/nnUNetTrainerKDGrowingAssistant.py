@@ -10,6 +10,7 @@ Growth silences the channels the assistant gains (nnunet_kd/growing.py), so it k
 `self.network` is the student as an ordinary compact network: it receives the slice before every validation and
 checkpoint, so `network_weights` and stock `nnUNetv2_predict` see the student alone; the master weights and the
 growth stage and schedule travel in the checkpoint's companion file (nnunet_kd.run_core), so `--c` resumes exactly.
+Under DDP the master is what the ranks synchronise (nnunet_kd.growing.SlicedNetworks), so growth needs no new wrapper.
 Environment overrides: nnUNet_KD_alpha, nnUNet_KD_temperature, nnUNet_KD_scales, nnUNet_KD_max_width, nnUNet_KD_stages.
 """
 from dataclasses import asdict
@@ -18,10 +19,16 @@ import numpy as np
 import torch
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
-from torch import autocast
+from torch import autocast, nn
 
-from nnunet_kd.errors import KDConfigurationError
-from nnunet_kd.growing import ChannelSlice, GrowthStage, growth_schedule, silence_added_channels, stage_at
+from nnunet_kd.growing import (
+    ChannelSlice,
+    GrowthStage,
+    SlicedNetworks,
+    growth_schedule,
+    silence_added_channels,
+    stage_at,
+)
 from nnunet_kd.losses import SoftTargetKDLoss
 from nnunet_kd.settings import GrowingAssistantSettings
 from nnunet_kd.teacher import TeacherSpec
@@ -37,6 +44,7 @@ class nnUNetTrainerKDGrowingAssistant(nnUNetTrainerKD):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.master = self.assistant = None
         self.student_slice = self.assistant_slice = None
+        self.sliced: nn.Module | None = None  # runs the slices: SlicedNetworks, in its DDP wrapper under DDP
         self.schedule: list[GrowthStage] | None = None
         self.stage = -1  # -1: the assistant has not grown beyond the student yet
 
@@ -63,14 +71,18 @@ class nnUNetTrainerKDGrowingAssistant(nnUNetTrainerKD):
         # nnU-Net's optimiser and schedule, over the master weights (the student is a slice of them)
         max_widths = [round(w * self.kd_settings.max_width) for w in self.student_widths]
         self.master = self._network_with_widths(max_widths)
-        # the student keeps its own normalisation statistics: the assistant's passes must not write into them
-        self.student_slice = ChannelSlice(self.master, self.network, own_buffers=True)
         return self.sgd_over(self.master.parameters())
 
-    def on_train_start(self):
-        if self.is_ddp:
-            raise KDConfigurationError(f"{type(self).__name__} trains on one device; run it without -num_gpus.")
-        super().on_train_start()
+    def initialize(self):
+        super().initialize()
+        # after nnU-Net's DDP wrapping, which replaces the student's BatchNorms by synchronised ones: the slice swaps
+        # weights into the modules that run. The student keeps its own normalisation statistics: the assistant's
+        # passes must not write into them.
+        student = self.network.module if self.is_ddp else self.network
+        self.student_slice = ChannelSlice(self.master, student, own_buffers=True)
+        # The master's parameters never change shape, so its wrapper lasts the whole run: growth only changes which
+        # slices run (the same on every rank, as it follows the epoch) and edits weights the ranks hold alike.
+        self.sliced = self.ddp_wrapped(SlicedNetworks(self.master))
 
     def prepare_distillation(self, teacher: TeacherSpec | None = None) -> None:
         if self.schedule is None:  # a resumed run keeps the schedule its checkpoint holds
@@ -89,6 +101,8 @@ class nnUNetTrainerKDGrowingAssistant(nnUNetTrainerKD):
     # ---- growth ----
     def _enter_stage(self, stage: int) -> None:
         self.assistant = self._network_with_widths(self.schedule[stage].widths)
+        if self.is_ddp:  # its modules run, so their BatchNorms synchronise like the student's
+            self.assistant = nn.SyncBatchNorm.convert_sync_batchnorm(self.assistant)
         self.assistant_slice = ChannelSlice(self.master, self.assistant)
         self.stage = stage
 
@@ -106,7 +120,7 @@ class nnUNetTrainerKDGrowingAssistant(nnUNetTrainerKD):
         stage = stage_at(self.schedule, self.current_epoch)
         if stage != self.stage:
             self.grow_to(stage)
-        self.master.train()
+        self.sliced.train()
 
     # ---- training ----
     def train_step(self, batch: dict) -> dict:
@@ -116,9 +130,9 @@ class nnUNetTrainerKDGrowingAssistant(nnUNetTrainerKD):
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             # the assistant is the student grown wider: it sees the student's channels, the teacher all of them
-            assistant_output = self.assistant_slice(self.student_input(data))
+            assistant_output, student_output = self.sliced(self.student_input(data), self.assistant_slice,
+                                                           self.student_slice)
             teacher_output = self.teacher_output(data, stored, assistant_output)
-            student_output = self.student_slice(self.student_input(data))
             detached = [o.detach() for o in assistant_output] if isinstance(assistant_output, (list, tuple)) \
                 else assistant_output.detach()
             parts = {"seg_loss": self.loss(student_output, target),

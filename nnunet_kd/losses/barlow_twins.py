@@ -28,24 +28,56 @@ def standardise(samples: torch.Tensor, eps: float = 1e-5, relative_eps: float = 
     typical feature's correlation shrinks by only `1/(1 + relative_eps)`. `eps` keeps all-constant features finite
     (zeros instead of NaN), like the reference code's BatchNorm1d(affine=False).
     """
-    variance = samples.var(0, unbiased=False)
+    return _standardise(samples, samples.shape[0], eps, relative_eps, ddp=False)
+
+
+def _summed_over_ranks(tensor: torch.Tensor, ddp: bool) -> torch.Tensor:
+    """The sum over every DDP rank, differentiable: each rank's loss is then the global batch's, and the all-reduce of
+    the gradients in backward gives each rank's samples the gradient of every rank's loss (nnU-Net's batch Dice does
+    the same with AllGatherGrad; DDP's averaging then leaves the global batch's gradient)."""
+    if not ddp:
+        return tensor
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(tensor)
+
+
+def _num_samples(samples: torch.Tensor, ddp: bool) -> int:
+    if not ddp:
+        return samples.shape[0]
+    count = torch.tensor([samples.shape[0]], dtype=torch.int64, device=samples.device)
+    torch.distributed.all_reduce(count)
+    return int(count.item())
+
+
+def _standardise(samples: torch.Tensor, num_samples: int, eps: float, relative_eps: float, ddp: bool) -> torch.Tensor:
+    # from sums over the samples, so that under DDP the statistics are those of every rank's samples together
+    mean = _summed_over_ranks(samples.sum(0), ddp) / num_samples
+    centred = samples - mean
+    variance = _summed_over_ranks(centred.pow(2).sum(0), ddp) / num_samples
     floor = relative_eps * variance.mean() + eps
-    return (samples - samples.mean(0)) / torch.sqrt(variance + floor)
+    return centred / torch.sqrt(variance + floor)
 
 
-def cross_correlation(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-5, relative_eps: float = 1e-2) -> torch.Tensor:
-    """C x C cross-correlation of two (N, C) sample sets, each feature standardised over the N samples."""
+def cross_correlation(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-5, relative_eps: float = 1e-2,
+                      ddp: bool = False) -> torch.Tensor:
+    """C x C cross-correlation of two (N, C) sample sets, each feature standardised over the N samples; with `ddp`,
+    over the samples of every rank (each rank passes its own and gets the same matrix)."""
     if a.shape != b.shape:
         raise ValueError(f"Barlow Twins needs features of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.shape[0] < 2:
+    num_samples = _num_samples(a, ddp)
+    if num_samples < 2:
         raise ValueError("Barlow Twins needs at least 2 samples (voxels) to standardise features")
-    return standardise(a, eps, relative_eps).T @ standardise(b, eps, relative_eps) / a.shape[0]
+    products = _standardise(a, num_samples, eps, relative_eps, ddp).T @ _standardise(b, num_samples, eps,
+                                                                                     relative_eps, ddp)
+    return _summed_over_ranks(products, ddp) / num_samples
 
 
 def barlow_twins_loss(a: torch.Tensor, b: torch.Tensor, lambd: float = 0.005, eps: float = 1e-5,
-                      relative_eps: float = 1e-2) -> torch.Tensor:
-    """`(Σ_i (1 - C_ii)² + λ Σ_{i≠j} C_ij²) / C` for (N, C) samples a and b, in their own dtype."""
-    c = cross_correlation(a, b, eps, relative_eps)
+                      relative_eps: float = 1e-2, ddp: bool = False) -> torch.Tensor:
+    """`(Σ_i (1 - C_ii)² + λ Σ_{i≠j} C_ij²) / C` for (N, C) samples a and b, in their own dtype; with `ddp`, of the
+    samples of every rank together."""
+    c = cross_correlation(a, b, eps, relative_eps, ddp)
     diagonal = torch.diagonal(c)
     on_diagonal = (1 - diagonal).pow(2).sum()
     off_diagonal = c.pow(2).sum() - diagonal.pow(2).sum()
@@ -57,16 +89,18 @@ class BarlowTwinsLoss(nn.Module):
 
     projector_dim > 0 adds a 1x1(x1) convolutional projector, shared by both inputs (as in the siamese original):
     conv(C -> P), LeakyReLU, conv(P -> P). It is trainable, so it belongs to the optimiser and the checkpoint.
+    `ddp`: the loss of every DDP rank's voxels together (as nnU-Net's Dice takes `ddp` for its batch Dice), so that
+    two GPUs with one case each compute what one GPU with both would.
     """
 
     def __init__(self, num_features: int, lambd: float = 0.005, projector_dim: int = 0, spatial_dims: int = 3,
-                 eps: float = 1e-5) -> None:
+                 eps: float = 1e-5, ddp: bool = False) -> None:
         super().__init__()
         if lambd < 0:
             raise ValueError(f"lambda must be >= 0, got {lambd}")
         if projector_dim < 0:
             raise ValueError(f"projector_dim must be >= 0 (0: no projector), got {projector_dim}")
-        self.lambd, self.eps = float(lambd), float(eps)
+        self.lambd, self.eps, self.ddp = float(lambd), float(eps), ddp
         self.projector: nn.Module | None = None
         if projector_dim > 0:
             conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
@@ -79,4 +113,4 @@ class BarlowTwinsLoss(nn.Module):
             a, b = a.to(dtype), b.to(dtype)
             if self.projector is not None:
                 a, b = self.projector(a), self.projector(b)
-            return barlow_twins_loss(voxels_as_samples(a), voxels_as_samples(b), self.lambd, self.eps)
+            return barlow_twins_loss(voxels_as_samples(a), voxels_as_samples(b), self.lambd, self.eps, ddp=self.ddp)
