@@ -643,8 +643,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
                                                 "(default: <teacher folder>__f<folds>[__nomirror][__top<k>])")
     p.add_argument("--format", default="dense", choices=["dense", "topk"],
                    help="dense: every class's log-probability per voxel; topk: the --top-k most probable classes "
-                        "and the mass outside them, a size that does not grow with the number of classes (softmax "
-                        "tasks; not for logit matching). Default: %(default)s")
+                        "and the mass outside them, divided among the other classes by a per-class tail profile, a "
+                        "size that does not grow with the number of classes (softmax tasks; not for logit "
+                        "matching; docs/stored-targets.md). Default: %(default)s")
     p.add_argument("--top-k", type=int, default=4, help="classes kept per voxel with --format topk "
                                                         "(default: %(default)s)")
     p.add_argument("-num_parts", type=int, default=1,
