@@ -34,6 +34,7 @@ from nnunet_kd.checkpoints import load_checkpoint
 from nnunet_kd.data.synthetic import SyntheticSpec
 from nnunet_kd.data.synthetic_multimodal import write_multimodal_dataset
 from nnunet_kd.run_core import kd_state_file
+from nnunet_kd.tools.bench import _environment
 
 DATASET_ID = 945
 DATASET = f"Dataset{DATASET_ID}_KDSyntheticMultiModal"
@@ -69,20 +70,6 @@ def _default_dtype(dtype: torch.dtype):
         yield
     finally:
         torch.set_default_dtype(saved)
-
-
-@contextmanager
-def _environment(values: dict):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _trainer_environment(root: Path, name: str) -> dict:
@@ -211,7 +198,7 @@ def _rank(rank: int, root: str, results: str) -> None:
     mine = {k: [_share(b, rank) for b in v] for k, v in batches.items()}
     records = {}
     for name in TRAINERS:
-        with _environment(_trainer_environment(Path(root), name)):
+        with _environment(**_trainer_environment(Path(root), name)):
             records[name] = _run(lambda continue_training, n=name: _ddp_trainer(n, continue_training), mine)
     torch.save(records, Path(results) / f"rank{rank}.pt")
     dist.destroy_process_group()
@@ -236,7 +223,7 @@ def ddp_workspace(tmp_path_factory) -> Workspace:
     write_multimodal_dataset(root / "raw", DATASET_ID, spec=SyntheticSpec(shape=(8, 24, 24), num_training=5,
                                                                          num_test=0, seed=4))
     nnunet_env = {k: v for k, v in ws.env.items() if k.startswith("nnUNet")}
-    with _environment(nnunet_env):
+    with _environment(**nnunet_env):
         extract_fingerprint_dataset(DATASET_ID, num_processes=1, verbose=False, show_progress_bar=False)
         plan_experiment_dataset(DATASET_ID)
         preprocess_dataset(DATASET_ID, configurations=["3d_fullres"], num_processes=[1], show_progress_bar=False)
@@ -246,7 +233,7 @@ def ddp_workspace(tmp_path_factory) -> Workspace:
         dataset_json = json.loads((preprocessed / "dataset.json").read_text())
 
     # the SingleThreadedAugmenter from here on: the test feeds the steps itself
-    with _environment({**nnunet_env, "nnUNet_n_proc_DA": "0", "nnUNet_results": str(root / "teacher")}):
+    with _environment(**{**nnunet_env, "nnUNet_n_proc_DA": "0", "nnUNet_results": str(root / "teacher")}):
         teacher = _trainer("nnUNetTrainer", False, torch.device("cpu"))
         teacher.initialize()
         teacher.save_checkpoint(os.path.join(teacher.output_folder, "checkpoint_final.pth"))
@@ -272,13 +259,13 @@ def runs(ddp_workspace) -> dict:
     nnunet_env = {k: v for k, v in ddp_workspace.env.items() if k.startswith("nnUNet")}
     reference = {}
     for name in TRAINERS:
-        with _default_dtype(torch.float64), _environment({**nnunet_env, "nnUNet_results": str(root / "one_process"),
+        with _default_dtype(torch.float64), _environment(**{**nnunet_env, "nnUNet_results": str(root / "one_process"),
                                        **_trainer_environment(root, name)}):
             reference[name] = _run(lambda continue_training, n=name: _trainer(n, continue_training,
                                                                               torch.device("cpu")), batches)
     results = root / "ranks"
     results.mkdir()
-    with _environment({**nnunet_env, "nnUNet_results": str(root / "ddp")}):
+    with _environment(**{**nnunet_env, "nnUNet_results": str(root / "ddp")}):
         torch.multiprocessing.spawn(_rank, args=(str(root), str(results)), nprocs=WORLD_SIZE, join=True)
     ranks = [torch.load(results / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
     return {name: {"one_process": reference[name], "ranks": [r[name] for r in ranks]} for name in TRAINERS}

@@ -173,6 +173,18 @@ def _trainer(workspace, monkeypatch, env: dict, fold: int = 0, trainer: str = "n
     return workspace.trainer_in_process(monkeypatch, trainer, STUDENT_PLANS, env, fold, results)
 
 
+def _augmented_batches(workspace, monkeypatch, targets_folder: Path, tmp_path, count: int = 8):
+    """A KD trainer reading `targets_folder`, and `count` batches of its training loader (seeded, in this process)."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    trainer = _trainer(workspace, monkeypatch, {"nnUNet_KD_teacher_targets": str(targets_folder),
+                                                "nnUNet_n_proc_DA": "0"}, results=tmp_path / "results")
+    trainer.initialize()
+    trainer.prepare_distillation()
+    loader, _ = trainer.get_dataloaders()
+    return trainer, [next(loader) for _ in range(count)]
+
+
 def test_targets_follow_the_spatial_augmentation_in_lock_step(workspace, targets_3d, tmp_path, monkeypatch):
     """Targets made from the one-hot label, through nnU-Net's own loader and augmentation, still agree with the
     augmented label: rotation, scaling, mirroring and cropping moved them together."""
@@ -185,16 +197,9 @@ def test_targets_follow_the_spatial_augmentation_in_lock_step(workspace, targets
         seg = blosc2.open(str(data_folder / path.name.replace(".b2nd", "_seg.b2nd")))[:][0].clip(0)
         onehot = torch.nn.functional.one_hot(torch.from_numpy(seg).long(), 4).permute(3, 0, 1, 2).float()
         _save_case(torch.log_softmax(20 * onehot, 0).half().numpy(), path, (32, 40, 40))
-    torch.manual_seed(0)
-    np.random.seed(0)
-    trainer = _trainer(workspace, monkeypatch, {"nnUNet_KD_teacher_targets": str(folder), "nnUNet_n_proc_DA": "0"},
-                       results=tmp_path / "results")
-    trainer.initialize()
-    trainer.prepare_distillation()
-    loader, _ = trainer.get_dataloaders()
+    trainer, batches = _augmented_batches(workspace, monkeypatch, folder, tmp_path)
     agree = total = border = 0
-    for _ in range(8):
-        batch = next(loader)
+    for batch in batches:
         image, stored = split_batch(batch["data"], trainer.num_input_channels)
         assert image.shape[1] == 1 and stored.shape[1] == 4 + 1
         (teacher,) = teacher_outputs_from_targets(stored, torch.zeros_like(stored[:, :4]))
@@ -229,16 +234,9 @@ def test_top_k_targets_follow_the_augmentation_from_their_nearest_source_voxel(w
                           path.with_name(path.name.replace(".b2nd", TAIL_SUFFIX)))
         stored_values |= set(values.float().unique().tolist())
     edit_json(folder / MANIFEST, lambda m: m.update(format="blosc2-topk-float16", top_k=2))
-    torch.manual_seed(0)
-    np.random.seed(0)
-    trainer = _trainer(workspace, monkeypatch, {"nnUNet_KD_teacher_targets": str(folder), "nnUNet_n_proc_DA": "0"},
-                       results=tmp_path / "results")
-    trainer.initialize()
-    trainer.prepare_distillation()
-    loader, _ = trainer.get_dataloaders()
+    trainer, batches = _augmented_batches(workspace, monkeypatch, folder, tmp_path)
     agree = total = border = 0
-    for _ in range(8):
-        batch = next(loader)
+    for batch in batches:
         image, stored = split_batch(batch["data"], trainer.num_input_channels)
         assert image.shape[1] == 1 and stored.shape[1] == 2 + 3 + 1  # indices, values + tail, validity
         valid = stored[:, -1] >= 0.5
