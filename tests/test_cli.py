@@ -84,3 +84,12 @@ def test_a_new_method_file_gets_its_schedule_variants_without_a_list(tmp_path):
                           env={**os.environ, "nnUNet_raw": "", "nnUNet_preprocessed": "", "nnUNet_results": ""})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["nnUNetTrainerKDToy", "nnUNetTrainerKDLogits_T4"]
+
+
+def test_commands_find_this_packages_trainers_unless_the_user_chose_a_folder(monkeypatch, tmp_path):
+    from nnunet_kd.tools import TRAINERS_FOLDER, ensure_ext_trainer
+
+    monkeypatch.delenv("nnUNet_extTrainer", raising=False)
+    assert ensure_ext_trainer() == str(TRAINERS_FOLDER) == os.environ["nnUNet_extTrainer"]
+    monkeypatch.setenv("nnUNet_extTrainer", str(tmp_path))
+    assert ensure_ext_trainer() == str(tmp_path)

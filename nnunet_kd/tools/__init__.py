@@ -10,6 +10,15 @@ from pathlib import Path
 TRAINERS_FOLDER = Path(__file__).resolve().parents[2] / "trainers"
 
 
+def ensure_ext_trainer() -> str:
+    """nnUNet_extTrainer in this process: the user's, or this package's trainers when unset. nnU-Net finds trainer
+    classes outside its own package only through it, and the commands that load or train this package's models must
+    work without the user setting it up."""
+    if not os.environ.get("nnUNet_extTrainer"):
+        os.environ["nnUNet_extTrainer"] = str(TRAINERS_FOLDER)
+    return os.environ["nnUNet_extTrainer"]
+
+
 def command_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for nnU-Net's and this package's commands run as subprocesses."""
     env = dict(os.environ)

@@ -28,7 +28,7 @@ from nnunet_kd.checkpoints import count_weights, load_checkpoint
 from nnunet_kd.errors import KDConfigurationError
 from nnunet_kd.schedule import split_schedule
 from nnunet_kd.settings import SETTINGS_FILE
-from nnunet_kd.tools import TRAINERS_FOLDER
+from nnunet_kd.tools import ensure_ext_trainer
 
 
 def _sync(device: torch.device) -> None:
@@ -281,10 +281,7 @@ def load_predictor(model_folder: str, folds, device: torch.device, checkpoint: s
     """Stock nnUNetPredictor for a trained model folder, without its trainer-search chatter on stdout."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    if not os.environ.get("nnUNet_extTrainer"):
-        # nnU-Net finds trainer classes outside its own package only through this variable; the demo and the
-        # benchmark commands must load this project's models without it
-        os.environ["nnUNet_extTrainer"] = str(TRAINERS_FOLDER)
+    ensure_ext_trainer()
     with contextlib.redirect_stdout(io.StringIO()):
         predictor = nnUNetPredictor(device=device, perform_everything_on_device=device.type == "cuda",
                                     allow_tqdm=False)

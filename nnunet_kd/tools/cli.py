@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from nnunet_kd.errors import KDConfigurationError
-from nnunet_kd.tools import TRAINERS_FOLDER
+from nnunet_kd.tools import ensure_ext_trainer
 
 
 def dataset_name(dataset: str) -> str:
@@ -186,8 +186,7 @@ def bench_step_command(args: argparse.Namespace) -> None:
     from nnunet_kd.tools.bench import bench_step, format_step
 
     _use_demo_workspace_if_unset(args.workdir)
-    if not os.environ.get("nnUNet_extTrainer"):
-        os.environ["nnUNet_extTrainer"] = str(TRAINERS_FOLDER)  # this package's trainers, without setting it up
+    ensure_ext_trainer()
     teacher = args.teacher or _default_teacher(args.dataset, args.configuration)
     result = bench_step(args.dataset, args.configuration, args.plans, args.trainers, teacher, args.device,
                         args.warmup, args.repeats, teacher_folds=args.teacher_folds,
@@ -231,8 +230,7 @@ def bench_predict_command(args: argparse.Namespace) -> None:
 def bench_targets_command(args: argparse.Namespace) -> None:
     from nnunet_kd.tools.bench_targets import bench_target_formats, format_target_formats
 
-    if not os.environ.get("nnUNet_extTrainer"):
-        os.environ["nnUNet_extTrainer"] = str(TRAINERS_FOLDER)
+    ensure_ext_trainer()
     result = bench_target_formats(args.dataset, args.configuration, args.plans, args.targets, args.student,
                                   args.top_k, args.cases, loader=not args.no_loader, repeats=args.repeats)
     table = format_target_formats(result)
@@ -340,8 +338,7 @@ def export_command(args: argparse.Namespace) -> None:
     from nnunet_kd.export import export_onnx
 
     model = _model_folder(args)
-    if not os.environ.get("nnUNet_extTrainer"):
-        os.environ["nnUNet_extTrainer"] = str(TRAINERS_FOLDER)  # rebuilding this package's students needs it
+    ensure_ext_trainer()
     manifest = export_onnx(model, args.output, args.folds, args.checkpoint, args.force)
     for fold, check in manifest["folds_checked"].items():
         print(f"fold {fold}: {Path(args.output) / f'fold_{fold}' / 'network.onnx'} (largest logit difference to "
