@@ -40,11 +40,6 @@ def check_top_k(k: int, num_classes: int) -> None:
                          f"{num_classes} they would store more than the dense format (use --format dense)")
 
 
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - e^x) for x <= 0, accurate at both ends (Maechler 2012)."""
-    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-
 def encode_top_k(log_probs: torch.Tensor, k: int, class_axis: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """log-probabilities (K along `class_axis`) -> (indices of the k largest, their log-probabilities + the tail's
     log-mass as k + 1 float16 values along that axis)."""
@@ -52,7 +47,9 @@ def encode_top_k(log_probs: torch.Tensor, k: int, class_axis: int = 0) -> tuple[
     check_top_k(k, num_classes)
     log_probs = log_probs.float()
     values, indices = log_probs.topk(k, dim=class_axis)
-    tail = _log1mexp(torch.logsumexp(values, class_axis, keepdim=True).clamp_max(0))
+    # the tail's log-mass from the classes outside the top k, not as log(1 - top mass): a confident teacher's top
+    # class has p = 1 - 1e-8, which float32 rounds to 1, and the tail it leaves would vanish
+    tail = torch.logsumexp(log_probs.scatter(class_axis, indices, -math.inf), class_axis, keepdim=True)
     tail = tail.nan_to_num(nan=TAIL_FLOOR, neginf=TAIL_FLOOR).clamp_min(TAIL_FLOOR)
     return indices.to(index_dtype(num_classes)), torch.cat([values, tail], class_axis).half()
 

@@ -130,3 +130,12 @@ def test_tail_profile_recovers_look_alike_tails_that_an_even_spread_gets_wrong()
         errors[name] = (abs(loss.item() / dense_loss.item() - 1), float((grad - dense_grad).norm() / dense_grad.norm()))
     assert errors["profile"][0] < 0.02 and errors["profile"][1] < 0.05, errors
     assert errors["even"][0] > 10 * errors["profile"][0], errors
+
+
+def test_a_confident_teachers_tail_survives_encoding():
+    """p(top) = 1 - 1e-8 rounds to 1 in float32: the tail must come from the other classes, not from 1 - p(top)."""
+    log_probs = torch.log_softmax(torch.tensor([[20.0], [1.0], [-2.0]]), 0)  # tail class: p ~ 5e-10
+    indices, values = encode_top_k(log_probs, 2)
+    assert values[2].float().item() == pytest.approx(log_probs[2].item(), abs=0.02)
+    decoded = decode_top_k(indices[None], values[None], 3)[0]
+    assert torch.allclose(decoded, log_probs, atol=0.02)

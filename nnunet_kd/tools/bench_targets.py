@@ -8,6 +8,8 @@ error of their gradient with respect to the student's logits.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import tempfile
@@ -58,16 +60,17 @@ def kd_losses(student_logits: torch.Tensor, teacher: torch.Tensor, temperatures:
         student = student_logits.detach().clone().requires_grad_()
         loss = loss_fn(student, teacher)
         (grad,) = torch.autograd.grad(loss, student)
-        result[name] = (float(loss), grad)
+        result[name] = (float(loss.detach()), grad)
     return result
 
 
 def _student_logits(student_model: str, fold: int | str, data: np.ndarray) -> torch.Tensor:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    predictor = nnUNetPredictor(use_mirroring=False, perform_everything_on_device=False, device=torch.device("cpu"),
-                                allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(student_model, (fold,), "checkpoint_final.pth")
+    with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net's trainer search: keep the table readable
+        predictor = nnUNetPredictor(use_mirroring=False, perform_everything_on_device=False,
+                                    device=torch.device("cpu"), allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(student_model, (fold,), "checkpoint_final.pth")
     return predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).float()
 
 
@@ -116,7 +119,8 @@ def bench_target_formats(dataset: str, configuration: str, plans: str, targets: 
                         (abs(value / dense_value - 1), float((grad - dense_grad).norm() / dense_grad.norm())))
         if loader:
             for name, stored in formats.items():
-                with _environment(**{ENV_TEACHER_TARGETS: str(stored.folder), "nnUNet_n_proc_DA": "0"}):
+                with _environment(**{ENV_TEACHER_TARGETS: str(stored.folder), "nnUNet_n_proc_DA": "0"}), \
+                        contextlib.redirect_stdout(io.StringIO()):  # the trainer's log lines go to its log file
                     trainer = get_trainer_from_args(dataset, configuration, fold, "nnUNetTrainerKDLogits", plans,
                                                     device=torch.device("cpu"))
                     trainer.initialize()
