@@ -8,9 +8,9 @@ a few classes, so per voxel this keeps:
 
 Every probability in the top k, and the total mass outside it, is what the teacher said; how the tail divides among
 the unlikely classes is not stored per voxel. Spread evenly over the other `K - k` classes it misleads a softened
-loss: at T = 2 a tail class weighs `sqrt(p)`, so 46 classes sharing a tail evenly weigh several times what one
-look-alike class holding it does, and a teacher's tail is mostly its look-alikes (Hinton et al.'s "dark knowledge").
-So a tail profile goes with the targets: per class c, the teacher's mean probability of every other class over the
+loss where the tail is the top class's look-alikes (Hinton et al.'s "dark knowledge"): at T = 2 a tail class weighs
+`sqrt(p)`, so 46 classes sharing a tail evenly weigh several times what one look-alike holding it does. So a tail
+profile goes with the targets: per class c, the teacher's mean probability of every other class over the
 voxels whose most probable class is c and where that class is outside the top k (`tail_profile_sums`, summed over
 cases), and decoding divides each voxel's tail in proportion to its top class's row (`tail_weights`). Logit matching
 reads every class's logit equally, tail included, and needs dense targets (the trainers say so).

@@ -144,9 +144,8 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
                                        f"teach this student ({self.plans_manager.plans_name}, "
                                        f"{self.configuration_name}, fold {self.fold}):\n  - " + "\n  - ".join(problems))
         self.stored_targets = targets
-        self.tail_weights = targets.tail_weights(self.do_split()[0])
-        if self.tail_weights is not None:
-            self.tail_weights = self.tail_weights.to(self.device)
+        weights = targets.tail_weights(self.do_split()[0])
+        self.tail_weights = None if weights is None else weights.to(self.device)
         self.set_kd_terms()
         self.print_to_log_file(f"Knowledge distillation ({type(self).__name__}) from stored teacher targets "
                                f"{targets.folder} (teacher {targets.manifest['teacher']['model_folder']} folds "

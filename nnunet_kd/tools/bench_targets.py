@@ -64,14 +64,14 @@ def kd_losses(student_logits: torch.Tensor, teacher: torch.Tensor, temperatures:
     return result
 
 
-def _student_logits(student_model: str, fold: int | str, data: np.ndarray) -> torch.Tensor:
+def _student_predictor(student_model: str, fold: int | str):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net's trainer search: keep the table readable
         predictor = nnUNetPredictor(use_mirroring=False, perform_everything_on_device=False,
                                     device=torch.device("cpu"), allow_tqdm=False)
         predictor.initialize_from_trained_model_folder(student_model, (fold,), "checkpoint_final.pth")
-    return predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).float()
+    return predictor
 
 
 def bench_target_formats(dataset: str, configuration: str, plans: str, targets: str, student_model: str,
@@ -107,9 +107,10 @@ def bench_target_formats(dataset: str, configuration: str, plans: str, targets: 
         rows = {name: {"format": name, "mib_per_case": float(np.mean(
             [t.manifest["cases"][i]["bytes"] for i in t.manifest["cases"]])) / 2 ** 20, "errors": {}}
             for name, (t, _) in decodings.items()}
+        predictor = _student_predictor(student_model, fold)
         for identifier in identifiers:
             data = np.asarray(images.load_case(identifier)[0][:], dtype=np.float32)
-            student = _student_logits(student_model, fold, data)
+            student = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).float()
             reference = kd_losses(student, _decoded(dense, identifier, num_classes, None), temperatures)
             for name, (stored, weights) in decodings.items():
                 losses = kd_losses(student, _decoded(stored, identifier, num_classes, weights), temperatures)
