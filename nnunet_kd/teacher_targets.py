@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from nnunet_kd import __version__
+from nnunet_kd.batched_prediction import BatchedPredictor
 from nnunet_kd.compact_targets import check_top_k, decode_top_k, encode_top_k, tail_profile_sums, tail_weights
 from nnunet_kd.cpu_inference import use_onednn_convolutions
 from nnunet_kd.errors import KDConfigurationError
@@ -189,12 +190,13 @@ def write_teacher_targets(teacher: TeacherSpec, preprocessed_dataset_folder: str
                           configuration: str, output: Path, mirroring: bool = True, tile_step_size: float = 0.5,
                           device: str = "cpu", force: bool = False, progress: bool = True,
                           target_format: str = "dense", top_k: int = 4, num_parts: int = 1,
-                          part_id: int = 0) -> dict:
+                          part_id: int = 0, tile_batch: int | None = None) -> dict:
     """Store `teacher`'s outputs for every preprocessed case of `plans_name`/`configuration` in
     `preprocessed_dataset_folder` ($nnUNet_preprocessed/<dataset>); returns this part's manifest.
 
     `target_format`: "dense" (every class) or "topk" (the `top_k` most probable classes and the rest's mass; softmax
     tasks only). `num_parts`/`part_id`: this process does every `num_parts`-th case, starting at `part_id`.
+    `tile_batch`: sliding-window tiles per network call (`nnunet_kd.batched_prediction`).
     Re-running continues: cases already stored are kept. Targets of another teacher (or other settings) in `output`
     are refused unless `force`, which deletes them (every part's) first.
     """
@@ -204,7 +206,6 @@ def write_teacher_targets(teacher: TeacherSpec, preprocessed_dataset_folder: str
         raise KDConfigurationError(f"-part_id must be in 0..{num_parts - 1} for -num_parts {num_parts}, got "
                                    f"{part_id}.")
     from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from tqdm import tqdm
@@ -229,9 +230,9 @@ def write_teacher_targets(teacher: TeacherSpec, preprocessed_dataset_folder: str
                                    f"{dataset_name} -c {configuration} -p ...` for these plans first.")
 
     torch_device = torch.device(device)
-    predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=mirroring,
-                                perform_everything_on_device=torch_device.type == "cuda", device=torch_device,
-                                allow_tqdm=False)
+    predictor = BatchedPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=mirroring,
+                                 perform_everything_on_device=torch_device.type == "cuda", device=torch_device,
+                                 allow_tqdm=False, tile_batch=tile_batch)
     predictor.initialize_from_trained_model_folder(teacher.model_folder, teacher.folds, teacher.checkpoint_name)
     if torch_device.type == "cpu":  # nnU-Net's tiles are batches of one: keep the convolutions on oneDNN
         use_onednn_convolutions(getattr(predictor.network, "_orig_mod", predictor.network))
