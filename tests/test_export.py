@@ -58,12 +58,16 @@ def onnx_student(workspace, kd_student_3d, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("flags", [(), ("--disable_tta",)], ids=["mirroring", "no-mirroring"])
-def test_onnx_student_predicts_what_stock_nnunet_predicts(workspace, onnx_student, tmp_path, flags):
+@pytest.mark.parametrize("flags, runtime_flags", [
+    ((), ()),  # the default runtime (OpenVINO) and tile batch
+    (("--disable_tta",), ("--runtime", "onnxruntime", "--tile-batch", "1")),
+    (("--disable_tta",), ("--runtime", "openvino", "--tile-batch", "3")),
+], ids=["mirroring", "no-mirroring-onnxruntime-1", "no-mirroring-openvino-3"])
+def test_onnx_student_predicts_what_stock_nnunet_predicts(workspace, onnx_student, tmp_path, flags, runtime_flags):
     expected = _stock_predict(workspace, tmp_path / "torch", *flags)
     workspace.run("nnunet_kd", "predict-onnx", "-i", str(workspace.raw / "imagesTs"), "-o", str(tmp_path / "onnx"),
                   "-m", str(onnx_student), "-npp", "1", "-nps", "1", "--save_probabilities", "--disable_progress_bar",
-                  *flags, env=_without_nnunet_folders(workspace))
+                  *flags, *runtime_flags, env=_without_nnunet_folders(workspace))
     _same_predictions(expected, tmp_path / "onnx")
 
 
@@ -72,6 +76,7 @@ def test_export_manifest_records_what_was_exported(onnx_student, kd_student_3d):
     assert manifest["folds"] == ["0"] and manifest["configuration"] == "3d_fullres"
     assert manifest["trainer_name"] == STUDENT_TRAINER
     assert manifest["folds_checked"]["0"]["max_abs_logit_difference"] < 1e-3
+    assert manifest["batched_tiles"]  # the graph takes any number of tiles
     assert (onnx_student / "fold_0" / "network.onnx").stat().st_size > 0
     assert json.loads((onnx_student / "plans.json").read_text()) == json.loads(
         (kd_student_3d / "plans.json").read_text())
@@ -130,4 +135,28 @@ def test_bench_predict_times_whole_calls_and_scores_each_flag(workspace, teacher
         assert set(run["stages"]) == {"preprocessing", "network", "export"}
     # the ONNX student and the torch student predict the same segmentations, so they score the same
     assert runs[1]["mean_dice"] == pytest.approx(runs[2]["mean_dice"], abs=1e-6)
-    assert runs[0]["call_speedup"] == 1.0 and "student_onnx (ONNX)" in table.read_text()
+    assert runs[0]["call_speedup"] == 1.0 and f"student_onnx ({runs[2]['runtime']})" in table.read_text()
+
+
+def test_python_api_loads_once_and_predicts_what_nnunetv2_predict_does(workspace, kd_student_3d, onnx_student,
+                                                                       tmp_path, monkeypatch):
+    """A service's use: load a model once (the trained folder run by torch, or its export), then predict case by case
+    from files or arrays, without nnU-Net's folder variables."""
+    from nnunet_kd.batched_prediction import load_predictor
+
+    for key in _without_nnunet_folders(workspace):
+        monkeypatch.delenv(key, raising=False)
+    expected = _stock_predict(workspace, tmp_path / "stock", "--disable_tta")
+    images = sorted((workspace.raw / "imagesTs").glob("*_0000.nii.gz"))
+    for name, model in (("torch", kd_student_3d), ("openvino", onnx_student)):
+        predictor = load_predictor(model, [0], use_mirroring=False)
+        for image in images:
+            case = image.name.replace("_0000.nii.gz", ".nii.gz")
+            segmentation = predictor.predict_case([image], tmp_path / name / case)
+            written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name / case)))
+            reference = sitk.GetArrayFromImage(sitk.ReadImage(str(expected / case)))
+            assert np.array_equal(segmentation, written)
+            assert np.mean(written != reference) < 1e-3, (name, case)
+            from_array = predictor.predict_array(sitk.GetArrayFromImage(sitk.ReadImage(str(image)))[None],
+                                                 sitk.ReadImage(str(image)).GetSpacing()[::-1])
+            assert np.array_equal(from_array, segmentation)

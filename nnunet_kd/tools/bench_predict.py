@@ -11,6 +11,9 @@ same flags, models interleaved, each call repeated. Beside the whole call:
   (`export_prediction_from_logits`). The command overlaps preprocessing and export with the network in worker
   processes, so the stages add up to more than its per-case time.
 With reference labels, every call's predictions are scored with nnU-Net's evaluation: the Dice cost of each flag.
+
+A model can carry flags of its own, `MODEL::FLAGS`, e.g. `student_onnx::--runtime onnxruntime --tile-batch 1`, so that
+one export appears under several runtimes and tile batches beside stock nnUNetv2_predict of the teacher.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from pathlib import Path
 
 from nnunet_kd.errors import KDConfigurationError
 from nnunet_kd.export import MANIFEST_FILE
+from nnunet_kd.runtimes import default_runtime
 from nnunet_kd.tools import command_environment
 
 DEFAULT_VARIANTS = ("", "--disable_tta")
@@ -56,10 +60,11 @@ def prediction_command(model: str | Path, images: str | Path, output: str | Path
 _STARTUP = """
 import sys
 from pathlib import Path
-model, folds = sys.argv[1], sys.argv[2:]
+model, options, folds = sys.argv[1], sys.argv[2], sys.argv[3:]
 if (Path(model) / {manifest!r}).is_file():
+    import json
     from nnunet_kd.export import load_onnx_predictor
-    load_onnx_predictor(model, folds)
+    load_onnx_predictor(model, folds, **json.loads(options))
 else:
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -67,8 +72,27 @@ else:
 """
 
 
-def startup_command(model: str | Path, folds: Sequence[str] = ("0",)) -> list[str]:
-    return [sys.executable, "-c", _STARTUP.format(manifest=MANIFEST_FILE), str(model), *folds]
+def split_model_spec(spec: str) -> tuple[str, str]:
+    """'student_onnx::--runtime onnxruntime' -> ('student_onnx', '--runtime onnxruntime')."""
+    model, _, flags = str(spec).partition("::")
+    return model, flags.strip()
+
+
+def export_options(flags: Sequence[str]) -> dict:
+    """The runtime and tile batch that predict-onnx flags ask for (absent: the predictor's defaults)."""
+    options: dict = {}
+    if "--runtime" in flags:
+        options["runtime"] = flags[flags.index("--runtime") + 1]
+    if "--tile-batch" in flags:
+        options["tile_batch"] = int(flags[flags.index("--tile-batch") + 1])
+    if "--precision" in flags:
+        options["precision"] = flags[flags.index("--precision") + 1]
+    return options
+
+
+def startup_command(model: str | Path, folds: Sequence[str] = ("0",), flags: Sequence[str] = ()) -> list[str]:
+    return [sys.executable, "-c", _STARTUP.format(manifest=MANIFEST_FILE), str(model),
+            json.dumps(export_options(flags)), *folds]
 
 
 def timed_process(command: Sequence[str], env: dict) -> tuple[float, float]:
@@ -86,11 +110,11 @@ def timed_process(command: Sequence[str], env: dict) -> tuple[float, float]:
     return wall, usage.ru_utime + usage.ru_stime
 
 
-def _load(model: str | Path, folds: Sequence[str], use_mirroring: bool, step_size: float):
+def _load(model: str | Path, folds: Sequence[str], use_mirroring: bool, step_size: float, flags: Sequence[str]):
     if is_export(model):
         from nnunet_kd.export import load_onnx_predictor
 
-        return load_onnx_predictor(model, folds, step_size, use_mirroring, allow_tqdm=False)
+        return load_onnx_predictor(model, folds, step_size, use_mirroring, allow_tqdm=False, **export_options(flags))
     import torch
 
     from nnunet_kd.tools.bench import load_predictor
@@ -110,7 +134,7 @@ def stage_seconds(model: str | Path, cases: Sequence[Sequence[str]], flags: Sequ
     import torch
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
 
-    predictor = _load(model, folds, "--disable_tta" not in flags, _flag_value(flags, "-step_size", 0.5))
+    predictor = _load(model, folds, "--disable_tta" not in flags, _flag_value(flags, "-step_size", 0.5), flags)
     preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
     times: dict[str, list[float]] = {"preprocessing": [], "network": [], "export": []}
     with tempfile.TemporaryDirectory() as out:
@@ -150,24 +174,29 @@ def bench_predict(models: Sequence[str | Path], images: str | Path, variants: Se
                   stages: bool = True) -> dict:
     """Whole prediction calls of every model under every flag variant, interleaved, `repeats` times each."""
     images = Path(images)
-    file_ending = _file_ending(models[0])
+    specs = [split_model_spec(m) for m in models]
+    file_ending = _file_ending(specs[0][0])
     from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 
     cases = create_lists_from_splitted_dataset_folder(str(images), file_ending)
     if not cases:
         raise KDConfigurationError(f"No images ending in {file_ending} in {images}.")
     env = command_environment()
-    runs = [{"model": str(model), "onnx": is_export(model), "flags": variant, "walls": [], "cpus": [],
-             "startups": []} for variant in variants for model in models]
+    runs = [{"model": model, "model_flags": model_flags, "onnx": is_export(model), "flags": variant, "walls": [],
+             "cpus": [], "startups": []} for variant in variants for model, model_flags in specs]
+    for run in runs:
+        if run["onnx"]:
+            run["runtime"] = export_options(shlex.split(run["model_flags"])).get("runtime", default_runtime())
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(repeats):
             for i, run in enumerate(runs):
                 out = Path(tmp) / f"run_{i}"
-                command, extra_env = prediction_command(run["model"], images, out, shlex.split(run["flags"]), folds)
+                flags = _run_flags(run)
+                command, extra_env = prediction_command(run["model"], images, out, flags, folds)
                 wall, cpu = timed_process(command, {**env, **extra_env})
                 run["walls"].append(wall)
                 run["cpus"].append(cpu)
-                run["startups"].append(timed_process(startup_command(run["model"], folds), env)[0])
+                run["startups"].append(timed_process(startup_command(run["model"], folds, flags), env)[0])
                 if repeat == 0 and labels is not None:
                     run["mean_dice"] = _mean_dice(out, Path(labels), run["model"])
     for run in runs:
@@ -176,8 +205,8 @@ def bench_predict(models: Sequence[str | Path], images: str | Path, variants: Se
         run["startup_seconds"] = statistics.median(run.pop("startups"))
         run["seconds_per_case"] = max(run["call_seconds"] - run["startup_seconds"], 0.0) / len(cases)
         if stages:
-            run["stages"] = stage_seconds(run["model"], cases, shlex.split(run["flags"]), folds)
-    reference = {run["flags"]: run for run in runs if run["model"] == str(models[0])}
+            run["stages"] = stage_seconds(run["model"], cases, _run_flags(run), folds)
+    reference = {run["flags"]: run for run in runs if (run["model"], run["model_flags"]) == specs[0]}
     for run in runs:
         first = reference[run["flags"]]
         run["call_speedup"] = first["call_seconds"] / run["call_seconds"]
@@ -186,6 +215,10 @@ def bench_predict(models: Sequence[str | Path], images: str | Path, variants: Se
     shape = _image_shape(cases[0][0])
     return {"cases": len(cases), "image_shape": shape, "repeats": repeats, "cpu_count": os.cpu_count(),
             "runs": runs}
+
+
+def _run_flags(run: dict) -> list[str]:
+    return shlex.split(run["flags"]) + shlex.split(run["model_flags"])
 
 
 def _file_ending(model: str | Path) -> str:
@@ -214,7 +247,8 @@ def format_predict(result: dict) -> str:
              "speed-up (per case) | preprocessing s | network s | resampling + export s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in result["runs"]:
-        name = Path(run["model"]).name + (" (ONNX)" if run["onnx"] else "")
+        name = Path(run["model"]).name + (f" ({run['runtime']})" if run["onnx"] else "") + (
+            f" {run['model_flags']}" if run["model_flags"] else "")
         dice = f"{run['mean_dice']:.3f}" if "mean_dice" in run else "-"
         stages = run.get("stages") or {}
         stage_cells = " | ".join(f"{stages[s]:.2f}" if s in stages else "-"

@@ -219,7 +219,18 @@ def bench_predict_command(args: argparse.Namespace) -> None:
     variants = ["" if v == "defaults" else v for v in variants if v]
     result = bench_predict(args.models, args.images, variants, args.labels, args.repeats, args.folds,
                            stages=not args.no_stages)
-    table = format_predict(result)
+    _print_table(format_predict(result), result, args)
+
+
+def bench_runtimes_command(args: argparse.Namespace) -> None:
+    from nnunet_kd.tools.bench_runtimes import bench_runtimes, format_runtimes
+
+    result = bench_runtimes(args.model, args.images, args.export, args.runtimes, args.tile_batches, args.cases,
+                            args.mirroring, args.folds)
+    _print_table(format_runtimes(result), result, args)
+
+
+def _print_table(table: str, result: dict, args: argparse.Namespace) -> None:
     print(table)
     if args.output:
         Path(args.output).write_text(table + "\n")
@@ -350,7 +361,8 @@ def predict_onnx_command(args: argparse.Namespace) -> None:
     from nnunet_kd.export import load_onnx_predictor
 
     predictor = load_onnx_predictor(args.model, args.folds, args.step_size, not args.disable_tta, args.threads,
-                                    allow_tqdm=not args.disable_progress_bar)
+                                    allow_tqdm=not args.disable_progress_bar, runtime=args.runtime,
+                                    precision=args.precision, tile_batch=args.tile_batch)
     Path(args.output).mkdir(parents=True, exist_ok=True)  # as nnUNetv2_predict does; the sequential path expects it
     if args.npp == 0 and args.nps == 0:  # as nnUNetv2_predict: no worker processes to start
         predictor.predict_from_files_sequential(args.input, args.output, save_probabilities=args.save_probabilities,
@@ -388,7 +400,8 @@ def teacher_targets_command(args: argparse.Namespace) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     manifest = write_teacher_targets(spec, _dataset_folder(args.dataset), args.plans, args.configuration, output,
                                      mirroring, args.step_size, device, args.force, target_format=args.format,
-                                     top_k=args.top_k, num_parts=args.num_parts, part_id=args.part_id)
+                                     top_k=args.top_k, num_parts=args.num_parts, part_id=args.part_id,
+                                     tile_batch=args.tile_batch)
     summary = summarise(manifest)
     stored_as = "float16" if args.format == "dense" else f"top-{args.top_k} float16"
     print(f"{summary['cases']} cases{part and ' in this part'}, {summary['total_mib']:.1f} MiB on disk "
@@ -404,6 +417,12 @@ def demo_command(args: argparse.Namespace) -> None:
     from nnunet_kd.tools.demo import run_demo
 
     run_demo(Path(args.workdir), args.device, fresh=args.fresh)
+
+
+def add_tile_batch_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tile-batch", type=int, default=None,
+                        help="sliding-window tiles per network call (default: as many as hold ~200,000 voxels, at "
+                             "most 32; 1: nnU-Net's own tile-by-tile loop)")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
@@ -539,6 +558,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     p.add_argument("--json", default=None)
     p.set_defaults(func=bench_targets_command)
 
+    p = bench.add_parser("runtimes", help="the network stage of prediction under each runtime (torch, OpenVINO, "
+                                          "ONNX Runtime) and tiles per call, against nnU-Net's own loop")
+    p.add_argument("model", help="a trained model folder")
+    p.add_argument("--export", default=None, help="its `nnunet_kd export` folder (for openvino and onnxruntime)")
+    p.add_argument("-i", "--images", required=True, help="folder of images in nnU-Net naming (_0000...)")
+    p.add_argument("--runtimes", nargs="+", default=["torch", "openvino", "onnxruntime"],
+                   help="of torch, torch-stock, openvino, onnxruntime (default: %(default)s)")
+    p.add_argument("--tile-batches", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--cases", type=int, default=2)
+    p.add_argument("--mirroring", action="store_true", help="with test-time mirroring (default: off)")
+    p.add_argument("-f", "--folds", nargs="+", default=["0"])
+    p.add_argument("-o", "--output", default=None, help="also write the Markdown table here")
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=bench_runtimes_command)
+
     p = bench.add_parser("predict", help="whole prediction commands (stock nnUNetv2_predict, or predict-onnx for an "
                                          "export) side by side: call, start-up, per case, stages, Dice of each flag")
     p.add_argument("models", nargs="+", help="trained model folders and/or `nnunet_kd export` folders; speed-ups are "
@@ -648,6 +682,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     p.add_argument("-num_parts", type=int, default=1,
                    help="split the cases into this many parts, one process each (as nnUNetv2_predict)")
     p.add_argument("-part_id", type=int, default=0, help="which part this process writes (0 .. num_parts - 1)")
+    add_tile_batch_argument(p)
     p.add_argument("-device", "--device", dest="device", default=None, choices=["cpu", "cuda"],
                    help="default: cuda when available")
     p.add_argument("--force", action="store_true", help="replace targets of another teacher or settings under the "
@@ -678,7 +713,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     p.add_argument("-npp", type=int, default=3, help="preprocessing processes (default: 3; 0 with -nps 0: none)")
     p.add_argument("-nps", type=int, default=3, help="segmentation export processes (default: 3; 0 with -npp 0: "
                                                      "none, one case after the other in this process)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: its own choice)")
+    p.add_argument("--threads", type=int, default=None, help="the runtime's threads (default: its own choice)")
+    p.add_argument("--runtime", default=None, help="openvino or onnxruntime (default: openvino where installed, "
+                                                   "measured faster: pip install 'nnunet-kd[openvino]')")
+    p.add_argument("--precision", default="f32", choices=["f32", "bf16"],
+                   help="bf16: OpenVINO's bfloat16 convolutions, about 2.5x faster on CPUs with bfloat16 units (AMX, "
+                        "AVX512_BF16); moves a few border voxels (docs/deployment.md). Default: f32")
+    add_tile_batch_argument(p)
     p.add_argument("--save_probabilities", action="store_true")
     p.add_argument("--continue_prediction", action="store_true", help="skip cases already predicted")
     p.add_argument("--disable_progress_bar", action="store_true")
