@@ -160,3 +160,18 @@ def test_python_api_loads_once_and_predicts_what_nnunetv2_predict_does(workspace
             from_array = predictor.predict_array(sitk.GetArrayFromImage(sitk.ReadImage(str(image)))[None],
                                                  sitk.ReadImage(str(image)).GetSpacing()[::-1])
             assert np.array_equal(from_array, segmentation)
+
+
+def test_bench_runtimes_compares_every_runtime_and_tile_batch_with_nnunets_loop(workspace, kd_student_3d,
+                                                                                onnx_student, tmp_path):
+    workspace.run("nnunet_kd", "bench", "runtimes", str(kd_student_3d), "--export", str(onnx_student),
+                  "-i", str(workspace.raw / "imagesTs"), "--cases", "1", "--tile-batches", "1", "2",
+                  "--runtimes", "torch", "openvino", "onnxruntime", "--json", str(tmp_path / "r.json"))
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [(r["runtime"], r["tile_batch"]) for r in rows] == [
+        ("nnU-Net", 1), ("torch", 1), ("torch", 2), ("openvino", 1), ("openvino", 2), ("onnxruntime", 1),
+        ("onnxruntime", 2)]
+    assert rows[0]["speedup"] == 1.0 and rows[0]["max_probability_difference"] == 0
+    for row in rows:
+        assert row["seconds_per_case"] > 0 and row["max_probability_difference"] < 1e-2
+        assert row["voxels_differing"] < 1e-3

@@ -88,7 +88,7 @@ def bench_runtimes(model_folder: str | Path, images: str | Path, export_folder: 
         for s in settings:
             elapsed, logits = run(s, case)
             seconds[s].append(elapsed)
-            probabilities = torch.softmax(logits, 0)
+            probabilities = reference_predictor.label_manager.apply_inference_nonlin(logits)
             if reference is None:
                 reference = probabilities
             difference = float((probabilities - reference).abs().max())
