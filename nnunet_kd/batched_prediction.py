@@ -2,7 +2,8 @@
 
 nnU-Net's predictor feeds its network one tile at a time. A wide teacher keeps a CPU's vector units busy even so; a
 narrow student does not: most of its time per tile goes to per-call overhead and to convolutions too thin to fill a
-vector register, and on a GPU a small patch leaves most of the device idle. `BatchedPredictor` overrides only the
+vector register (measured: BENCHMARKS.md; on a GPU a small patch may likewise leave the device idle, not measured
+here). `BatchedPredictor` overrides only the
 tile loop of nnU-Net's `nnUNetPredictor`: the same tile positions (`_internal_get_sliding_window_slicers`), the same
 Gaussian weighting, the same mirroring (`_internal_maybe_mirror_and_predict`, applied to the whole batch) and the same
 half-precision accumulation in the same tile order. Only the network sees N tiles at once. Everything around the tile
@@ -31,6 +32,8 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunetv2.utilities.helpers import empty_cache
 
+from nnunet_kd.errors import KDConfigurationError
+
 # Tiles per call by default: as many as hold about this many voxels, at most MAX_TILE_BATCH. Measured on a 2-core CPU
 # (BENCHMARKS.md): a 3D student's 32x40x40 tiles ran fastest at 4 per call (8 was slower again: the activations
 # outgrow the cache), a 2D teacher's 56x40 tiles gained up to 8-32 per call; nnU-Net's large GPU patches get 1.
@@ -49,7 +52,8 @@ class BatchedPredictor(nnUNetPredictor):
     def __init__(self, *args, tile_batch: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if tile_batch is not None and tile_batch < 1:
-            raise ValueError(f"tile_batch must be at least 1, got {tile_batch}.")
+            raise KDConfigurationError(f"--tile-batch must be at least 1 (1: nnU-Net's own tile-by-tile loop), got "
+                                       f"{tile_batch}.")
         self.tile_batch = tile_batch
 
     @property
@@ -138,7 +142,6 @@ def load_predictor(model: str | Path, folds: Sequence[int | str] | None = None, 
     installed; `precision` "bf16" is OpenVINO's faster opt-in, see `nnunet_kd.runtimes`). `folds`: default every
     fold that has the checkpoint (or every exported fold), averaged as nnUNetv2_predict does. Mirroring on by
     default, as in nnUNetv2_predict."""
-    from nnunet_kd.errors import KDConfigurationError
     from nnunet_kd.export import MANIFEST_FILE, load_onnx_predictor, read_manifest
 
     model = Path(model)

@@ -75,7 +75,7 @@ def test_batched_tiles_give_nnunets_logits(configuration, mirroring):
 
 
 def test_tile_batch_must_be_positive():
-    with pytest.raises(ValueError, match="tile_batch"):
+    with pytest.raises(KDConfigurationError, match="--tile-batch must be at least 1"):
         BatchedPredictor(tile_batch=0, device=torch.device("cpu"))
 
 
