@@ -30,9 +30,8 @@ import numpy as np
 import torch
 
 from nnunet_kd import __version__
-from nnunet_kd.batched_prediction import BatchedPredictor
+from nnunet_kd.batched_prediction import load_predictor
 from nnunet_kd.compact_targets import check_top_k, decode_top_k, encode_top_k, tail_profile_sums, tail_weights
-from nnunet_kd.cpu_inference import use_onednn_convolutions
 from nnunet_kd.errors import KDConfigurationError
 from nnunet_kd.settings import ENV_TEACHER_TARGETS
 from nnunet_kd.teacher import TeacherSpec, check_teacher_files, compatibility_problems, file_sha256, normalised_labels
@@ -230,12 +229,9 @@ def write_teacher_targets(teacher: TeacherSpec, preprocessed_dataset_folder: str
                                    f"{dataset_name} -c {configuration} -p ...` for these plans first.")
 
     torch_device = torch.device(device)
-    predictor = BatchedPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=mirroring,
-                                 perform_everything_on_device=torch_device.type == "cuda", device=torch_device,
-                                 allow_tqdm=False, tile_batch=tile_batch)
-    predictor.initialize_from_trained_model_folder(teacher.model_folder, teacher.folds, teacher.checkpoint_name)
-    if torch_device.type == "cpu":  # nnU-Net's tiles are batches of one: keep the convolutions on oneDNN
-        use_onednn_convolutions(getattr(predictor.network, "_orig_mod", predictor.network))
+    predictor = load_predictor(teacher.model_folder, teacher.folds, device=device, tile_batch=tile_batch,
+                               use_mirroring=mirroring, tile_step_size=tile_step_size,
+                               checkpoint=teacher.checkpoint_name)
     problems = compatibility_problems(predictor.plans_manager, predictor.configuration_manager,
                                       predictor.dataset_json, plans_manager, config, dataset_json)
     if problems:
