@@ -8,12 +8,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from nnunet_kd.core.settings import BarlowTwinsSettings, KDConfigurationError
 from nnunet_kd.data.synthetic import SyntheticSpec
 from nnunet_kd.data.synthetic_multimodal import CHANNEL_NAMES, write_multimodal_dataset
-from nnunet_kd.errors import KDConfigurationError
 from nnunet_kd.losses import BarlowTwinsLoss, barlow_twins_loss
 from nnunet_kd.losses.barlow_twins import cross_correlation, voxels_as_samples
-from nnunet_kd.modalities import (
+from nnunet_kd.students.modalities import (
     SelectChannels,
     build_network_checking_channels,
     select_channels,
@@ -21,7 +21,6 @@ from nnunet_kd.modalities import (
     student_plans,
     subset_raw_dataset,
 )
-from nnunet_kd.settings import BarlowTwinsSettings
 
 BRATS = {"channel_names": {"0": "T1", "1": "T2", "2": "FLAIR", "3": "T1CE"}, "labels": {"background": 0, "a": 1},
          "file_ending": ".nii.gz", "numTraining": 2}

@@ -20,10 +20,10 @@ import torch
 from conftest import Workspace, _clean_environment
 from test_end_to_end import train_and_kill_in_second_epoch
 
-from nnunet_kd.checkpoints import load_checkpoint
+from nnunet_kd.core.checkpoints import load_checkpoint
+from nnunet_kd.core.settings import KDConfigurationError
 from nnunet_kd.data.synthetic import SyntheticSpec
 from nnunet_kd.data.synthetic_multimodal import write_multimodal_dataset
-from nnunet_kd.errors import KDConfigurationError
 
 DATASET_ID, SUBSET_ID = 930, 931
 DATASET = f"Dataset{DATASET_ID}_KDSyntheticMultiModal"
@@ -249,7 +249,7 @@ def test_channel_selection_errors_through_the_cli(bt_workspace, fold, channels, 
 def test_check_channels_measures_what_a_fewer_modality_student_sees(bt_workspace, tmp_path):
     """On the generated data the student's channels preprocess alike with or without the others; where the others
     reach further (T1 non-zero in slices where FLAIR and T1CE are zero) nnU-Net's crop differs, and it is shown."""
-    from nnunet_kd.modalities import select_channels, subset_preprocessing_difference
+    from nnunet_kd.students.modalities import select_channels, subset_preprocessing_difference
 
     same = bt_workspace.run("nnunet_kd", "check-channels", str(DATASET_ID), "--channels", "FLAIR,T1CE", "--cases", "2")
     assert "0 of 2 cases preprocess differently" in same.stdout

@@ -18,8 +18,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from realistic_plans import _dataset_json, _plain_unet_arch, _realistic_plans
 
-from nnunet_kd.batched_prediction import BatchedPredictor, default_tile_batch, load_predictor
-from nnunet_kd.errors import KDConfigurationError
+from nnunet_kd.core.settings import KDConfigurationError
+from nnunet_kd.deploy.batched_prediction import BatchedPredictor, default_tile_batch, load_predictor
 
 SHAPES = {"3d_fullres": ([16, 16, 16], (1, 28, 28, 28)), "2d": ([32, 32], (1, 3, 60, 60))}  # 27 tiles each
 
@@ -90,7 +90,7 @@ def test_default_tile_batch_follows_the_measurements():
 @pytest.fixture(scope="module")
 def exported_3d(tmp_path_factory):
     """A random 3d network written as `nnunet_kd export` writes it (two folds), without training a model."""
-    from nnunet_kd.export import MANIFEST_FILE, NETWORK_FILE, OPSET
+    from nnunet_kd.deploy.export import MANIFEST_FILE, NETWORK_FILE, OPSET
 
     predictor = _predictor(nnUNetPredictor, "3d_fullres", False)
     folder = tmp_path_factory.mktemp("export")
@@ -126,7 +126,7 @@ def test_an_export_of_single_tiles_runs_batches_tile_by_tile(exported_3d, tmp_pa
     """Exports written before the batched predictor have a graph of exactly one tile."""
     import shutil
 
-    from nnunet_kd.export import MANIFEST_FILE
+    from nnunet_kd.deploy.export import MANIFEST_FILE
 
     old = shutil.copytree(exported_3d, tmp_path / "old")
     manifest = json.loads((old / MANIFEST_FILE).read_text())

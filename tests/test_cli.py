@@ -87,7 +87,7 @@ def test_a_new_method_file_gets_its_schedule_variants_without_a_list(tmp_path):
 
 
 def test_commands_find_this_packages_trainers_unless_the_user_chose_a_folder(monkeypatch, tmp_path):
-    from nnunet_kd.tools import TRAINERS_FOLDER, ensure_ext_trainer
+    from nnunet_kd.core.settings import TRAINERS_FOLDER, ensure_ext_trainer
 
     monkeypatch.delenv("nnUNet_extTrainer", raising=False)
     assert ensure_ext_trainer() == str(TRAINERS_FOLDER) == os.environ["nnUNet_extTrainer"]

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from nnunet_kd.compact_targets import (
+from nnunet_kd.losses import SoftTargetKDLoss
+from nnunet_kd.teachers.compact_targets import (
     TAIL_FLOOR,
     decode_top_k,
     encode_top_k,
@@ -14,7 +15,6 @@ from nnunet_kd.compact_targets import (
     tail_profile_sums,
     tail_weights,
 )
-from nnunet_kd.losses import SoftTargetKDLoss
 
 
 def _confident_log_probs(num_classes: int, shape=(6, 7, 8), seed: int = 0) -> torch.Tensor:

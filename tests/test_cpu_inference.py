@@ -9,7 +9,7 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from nnunet_kd.cpu_inference import OneDNNConv2d, OneDNNConv3d, use_onednn_convolutions
+from nnunet_kd.deploy.cpu_inference import OneDNNConv2d, OneDNNConv3d, use_onednn_convolutions
 
 
 def _narrow_unet(dim: int) -> PlainConvUNet:

@@ -30,10 +30,10 @@ from conftest import Workspace, _clean_environment
 from torch import distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from nnunet_kd.checkpoints import load_checkpoint
+from nnunet_kd.core.checkpoints import load_checkpoint
+from nnunet_kd.core.run_core import kd_state_file
 from nnunet_kd.data.synthetic import SyntheticSpec
 from nnunet_kd.data.synthetic_multimodal import write_multimodal_dataset
-from nnunet_kd.run_core import kd_state_file
 from nnunet_kd.tools.bench import _environment
 
 DATASET_ID = 945
@@ -141,7 +141,7 @@ def _run(build, batches: dict) -> dict:
     if getattr(trainer, "channels", None) is not None:
         # perform_actual_validation's first call, with the student fed its channels: under DDP nnU-Net reaches the
         # deep-supervision switch through `self.network.module`
-        from nnunet_kd.modalities import SelectChannels
+        from nnunet_kd.students.modalities import SelectChannels
 
         student = trainer.network
         trainer.network = SelectChannels(student, trainer.channels.indices)
@@ -216,7 +216,7 @@ def ddp_workspace(tmp_path_factory) -> Workspace:
         preprocess_dataset,
     )
 
-    from nnunet_kd.plans import make_student_plans, write_plans
+    from nnunet_kd.students.plans import make_student_plans, write_plans
 
     root = tmp_path_factory.mktemp("ddp")
     ws = Workspace(root, _clean_environment(root))

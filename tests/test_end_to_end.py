@@ -18,9 +18,9 @@ import SimpleITK as sitk
 import torch
 from conftest import DATASET, DATASET_ID, STUDENT_PLANS, copy_model_folder, edit_json
 
-from nnunet_kd.checkpoints import count_weights
-from nnunet_kd.checkpoints import load_checkpoint as _checkpoint
-from nnunet_kd.errors import KDConfigurationError
+from nnunet_kd.core.checkpoints import count_weights
+from nnunet_kd.core.checkpoints import load_checkpoint as _checkpoint
+from nnunet_kd.core.settings import KDConfigurationError
 
 
 def _student_network(model_folder):
@@ -269,7 +269,7 @@ def test_a_truncated_teacher_checkpoint_is_named_with_the_fix(workspace, teacher
 
 def test_teacher_loads_with_nnunet_compile_set(workspace, teacher_3d, monkeypatch):
     """nnU-Net's predictor wraps the network in torch.compile when nnUNet_compile is true; the teacher must load."""
-    from nnunet_kd.teacher import TeacherSpec, load_teacher
+    from nnunet_kd.teachers.frozen import TeacherSpec, load_teacher
 
     monkeypatch.setenv("nnUNet_extTrainer", workspace.env["nnUNet_extTrainer"])
     spec = TeacherSpec(str(teacher_3d), (0,), "checkpoint_final.pth")

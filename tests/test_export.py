@@ -142,7 +142,7 @@ def test_python_api_loads_once_and_predicts_what_nnunetv2_predict_does(workspace
                                                                        tmp_path, monkeypatch):
     """A service's use: load a model once (the trained folder run by torch, or its export), then predict case by case
     from files or arrays, without nnU-Net's folder variables."""
-    from nnunet_kd.batched_prediction import load_predictor
+    from nnunet_kd.deploy.batched_prediction import load_predictor
 
     for key in _without_nnunet_folders(workspace):
         monkeypatch.delenv(key, raising=False)

@@ -1,4 +1,5 @@
-"""Width slicing and growth of the growing teacher-assistant's master network (nnunet_kd/growing.py), on CPU."""
+"""Width slicing and growth of the growing teacher-assistant's master network (nnunet_kd/students/growing.py), on
+CPU."""
 from __future__ import annotations
 
 import pytest
@@ -7,9 +8,8 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet, Resi
 from torch import nn
 
 from nnunet_kd.architectures.lcovnet import LCOVNet
-from nnunet_kd.errors import KDConfigurationError
-from nnunet_kd.growing import ChannelSlice, GrowthStage, growth_schedule, silence_added_channels, stage_at
-from nnunet_kd.settings import GrowingAssistantSettings
+from nnunet_kd.core.settings import GrowingAssistantSettings, KDConfigurationError
+from nnunet_kd.students.growing import ChannelSlice, GrowthStage, growth_schedule, silence_added_channels, stage_at
 
 STUDENT, ASSISTANT, MASTER = (4, 8, 16, 32), (8, 16, 24, 48), (16, 32, 64, 128)
 

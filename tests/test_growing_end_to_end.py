@@ -15,8 +15,8 @@ import torch
 from conftest import DATASET_ID, STUDENT_PLANS
 from test_end_to_end import _student_network, train_and_kill_in_second_epoch
 
-from nnunet_kd.checkpoints import load_checkpoint as _checkpoint
-from nnunet_kd.run_core import kd_state_file
+from nnunet_kd.core.checkpoints import load_checkpoint as _checkpoint
+from nnunet_kd.core.run_core import kd_state_file
 
 TRAINER = "nnUNetTrainerKDGrowingAssistant_debug"
 
@@ -24,7 +24,7 @@ TRAINER = "nnUNetTrainerKDGrowingAssistant_debug"
 RESTORE_CHECK = f"""
 import sys, torch
 from nnunetv2.run.run_training import get_trainer_from_args
-from nnunet_kd.run_core import kd_state_file
+from nnunet_kd.core.run_core import kd_state_file
 snapshot_path, dataset, plans = sys.argv[1:4]
 trainer = get_trainer_from_args(dataset, "3d_fullres", 0, "{TRAINER}", plans, device=torch.device("cpu"))
 trainer.load_checkpoint(snapshot_path)

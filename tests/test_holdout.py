@@ -6,10 +6,10 @@ import json
 import pytest
 from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
+from nnunet_kd.core.settings import KDConfigurationError
+from nnunet_kd.data.holdout import write_holdout_dataset
 from nnunet_kd.data.synthetic import SyntheticSpec, write_dataset
 from nnunet_kd.data.synthetic_multimodal import write_multimodal_dataset
-from nnunet_kd.errors import KDConfigurationError
-from nnunet_kd.holdout import write_holdout_dataset
 from nnunet_kd.tools.cli import main
 
 SMALL = SyntheticSpec(shape=(8, 12, 12), num_training=10, num_test=2)

@@ -10,9 +10,9 @@ import pytest
 import SimpleITK as sitk
 from conftest import Workspace, _clean_environment
 
+from nnunet_kd.core.settings import KDConfigurationError
 from nnunet_kd.data.synthetic import SyntheticSpec
 from nnunet_kd.data.synthetic_multimodal import write_multimodal_dataset
-from nnunet_kd.errors import KDConfigurationError
 
 DATASET_ID = 933
 DATASET = f"Dataset{DATASET_ID}_KDSyntheticMasked"

@@ -9,11 +9,10 @@ import torch.nn.functional as F
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
-from nnunet_kd.errors import KDConfigurationError
+from nnunet_kd.core.settings import KDConfigurationError, MultiScaleSettings
 from nnunet_kd.losses import DeepSupervisionKD, SoftTargetKDLoss, parse_scale_weights
-from nnunet_kd.plans import count_parameters, make_student_plans
-from nnunet_kd.settings import MultiScaleSettings
-from nnunet_kd.teacher import FrozenTeacher
+from nnunet_kd.students.plans import count_parameters, make_student_plans
+from nnunet_kd.teachers.frozen import FrozenTeacher
 
 
 def _unet(stages: int = 3, deep_supervision: bool = False) -> PlainConvUNet:

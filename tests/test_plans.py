@@ -15,8 +15,8 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from realistic_plans import _dataset_json, _realistic_plans
 
-from nnunet_kd.errors import KDConfigurationError
-from nnunet_kd.plans import (
+from nnunet_kd.core.settings import KDConfigurationError
+from nnunet_kd.students.plans import (
     count_parameters,
     make_student_plans,
     scale_architecture,

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from nnunet_kd.errors import KDConfigurationError
-from nnunet_kd.settings import (
+from nnunet_kd.core.settings import (
     RUN_VARIABLES,
     SETTINGS_FILE,
+    KDConfigurationError,
     KDSettings,
     RunEnvironment,
     SoftTargetSettings,
@@ -179,7 +179,7 @@ def test_read_settings_file_returns_none_when_missing(tmp_path) -> None:
 def test_seed_from_environment_makes_initialisation_repeatable():
     import torch
 
-    from nnunet_kd.seeding import seed_from_environment
+    from nnunet_kd.core.schedule import seed_from_environment
 
     assert seed_from_environment({}) is None
     assert seed_from_environment({"nnUNet_KD_seed": "7"}) == 7
@@ -191,7 +191,7 @@ def test_seed_from_environment_makes_initialisation_repeatable():
 def test_kd_warmup_ramps_the_kd_weight_over_its_share_of_the_epochs() -> None:
     from types import SimpleNamespace
 
-    from nnunet_kd.trainer import nnUNetTrainerKD
+    from nnunet_kd.core.output_space import nnUNetTrainerKD
 
     def ramp(warmup: float, epoch: int, epochs: int = 40) -> float:
         run = SimpleNamespace(kd_settings=SoftTargetSettings(warmup=warmup), num_epochs=epochs, current_epoch=epoch)

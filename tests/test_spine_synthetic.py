@@ -97,7 +97,7 @@ def test_both_datasets_are_written_for_nnunet_with_folds_grouped_by_scan(tmp_pat
 def test_a_mask_on_another_grid_than_its_ct_is_refused(tmp_path):
     import pytest
 
-    from nnunet_kd.errors import KDConfigurationError
+    from nnunet_kd.core.settings import KDConfigurationError
     from nnunet_kd.spine.verse import find_cases, read_case
 
     write_spine_dataset(tmp_path, 1, SpineSpec(seed=4))

@@ -3,7 +3,7 @@ import json
 
 from conftest import DATASET_ID, STUDENT_PLANS
 
-from nnunet_kd.checkpoints import load_checkpoint
+from nnunet_kd.core.checkpoints import load_checkpoint
 
 
 def _study(workspace, teacher_3d, output, *extra):

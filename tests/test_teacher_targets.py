@@ -11,11 +11,10 @@ import torch
 from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from conftest import DATASET_ID, STUDENT_PLANS, copy_model_folder, edit_json
 
-from nnunet_kd.compact_targets import encode_top_k, tail_profile_sums
-from nnunet_kd.cpu_inference import use_onednn_convolutions
-from nnunet_kd.errors import KDConfigurationError
-from nnunet_kd.targets_loader import _ChannelStack, dense_targets, split_batch, teacher_outputs_from_targets
-from nnunet_kd.teacher_targets import (
+from nnunet_kd.core.settings import KDConfigurationError
+from nnunet_kd.deploy.cpu_inference import use_onednn_convolutions
+from nnunet_kd.teachers.compact_targets import encode_top_k, tail_profile_sums
+from nnunet_kd.teachers.stored_targets import (
     FORMATS,
     INDICES_SUFFIX,
     MANIFEST,
@@ -26,6 +25,7 @@ from nnunet_kd.teacher_targets import (
     case_files,
     save_tail_profile,
 )
+from nnunet_kd.teachers.targets_loader import _ChannelStack, dense_targets, split_batch, teacher_outputs_from_targets
 
 
 # ---- pure pieces ----
@@ -60,13 +60,13 @@ def test_a_case_is_stored_alike_whole_or_in_slabs(tmp_path, monkeypatch, target_
     """A many-class CT is encoded a slab at a time (memory): the files and statistics equal those of one slab."""
     import blosc2
 
-    from nnunet_kd import teacher_targets
+    from nnunet_kd.teachers import stored_targets
 
     logits = 4 * torch.randn(12, 10, 6, 7, generator=torch.Generator().manual_seed(0))
     manifest = {"format": FORMATS[target_format], "top_k": 3, "activation": "softmax"}
     stored = {}
     for slab_voxels in (10 ** 6, 2 * 6 * 7):  # the whole case, then slabs of two planes
-        monkeypatch.setattr(teacher_targets, "SLAB_VOXELS", slab_voxels)
+        monkeypatch.setattr(stored_targets, "SLAB_VOXELS", slab_voxels)
         folder = tmp_path / str(slab_voxels)
         folder.mkdir()
         statistics = _store_case(logits, "case", folder, manifest, (4, 6, 7))

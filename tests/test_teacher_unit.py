@@ -19,14 +19,14 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from realistic_plans import DATASET, _dataset_json, _realistic_plans
 from torch import nn
 
-from nnunet_kd.errors import KDConfigurationError
-from nnunet_kd.plans import make_student_plans
-from nnunet_kd.teacher import (
+from nnunet_kd.core.checkpoints import file_sha256
+from nnunet_kd.core.settings import KDConfigurationError
+from nnunet_kd.students.plans import make_student_plans
+from nnunet_kd.teachers.frozen import (
     FrozenTeacher,
     TeacherSpec,
     check_teacher_files,
     compatibility_problems,
-    file_sha256,
     required_divisor,
     resolve_teacher_spec,
 )

@@ -8,9 +8,9 @@ every bottleneck voxel a sample. `self.network` is the student: checkpoints, val
 alone, and its model folder's dataset.json and plans.json describe only its channels. The teacher is a complete
 model folder of its own, `<model folder>/teacher/` (for nnUNetv2_predict_from_modelfolder), written with the final and
 best student checkpoints; teacher and projector weights travel in each checkpoint's companion file
-(nnunet_kd.run_core), so --c resumes exactly. Under DDP the teacher and the projector train in wrappers of their
+(nnunet_kd.core.run_core), so --c resumes exactly. Under DDP the teacher and the projector train in wrappers of their
 own beside nnU-Net's student wrapper, and L_BT is that of every rank's voxels together. Environment overrides: see
-nnunet_kd.settings.BarlowTwinsSettings.
+nnunet_kd.core.settings.BarlowTwinsSettings.
 """
 from __future__ import annotations
 
@@ -23,12 +23,10 @@ from batchgenerators.utilities.file_and_folder_operations import save_json
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
 
-from nnunet_kd.errors import KDConfigurationError
+from nnunet_kd.core.run_core import batch_to_device, nnUNetTrainerKDRun
+from nnunet_kd.core.settings import SETTINGS_FILE, BarlowTwinsSettings, KDConfigurationError
 from nnunet_kd.losses import BarlowTwinsLoss
-from nnunet_kd.modalities import build_network_checking_channels, select_channels
-from nnunet_kd.run_core import nnUNetTrainerKDRun
-from nnunet_kd.settings import SETTINGS_FILE, BarlowTwinsSettings
-from nnunet_kd.training import batch_to_device
+from nnunet_kd.students.modalities import build_network_checking_channels, select_channels
 
 TEACHER_FOLDER = "teacher"
 

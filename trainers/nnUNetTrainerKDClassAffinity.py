@@ -5,9 +5,9 @@ matrix `M = P Pᵀ / N` per sample. Environment overrides: nnUNet_KD_alpha, nnUN
 """
 from dataclasses import replace
 
+from nnunet_kd.core.output_space import nnUNetTrainerKD
+from nnunet_kd.core.settings import SoftTargetSettings
 from nnunet_kd.losses import ClassAffinityKDLoss
-from nnunet_kd.settings import SoftTargetSettings
-from nnunet_kd.trainer import nnUNetTrainerKD
 
 
 class nnUNetTrainerKDClassAffinity(nnUNetTrainerKD):

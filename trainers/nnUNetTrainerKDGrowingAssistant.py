@@ -6,11 +6,12 @@ first channels of every layer (its widths come from the student plans, `-p`); th
 grows in stages from just above the student's widths to `max_width` times them. Each step:
 `L = L_seg(student) + alpha · KD(assistant -> student, assistant detached)
    + L_seg(assistant) + alpha · KD(teacher -> assistant)`, the teacher frozen.
-Growth silences the channels the assistant gains (nnunet_kd/growing.py), so it keeps what it has learned.
+Growth silences the channels the assistant gains (nnunet_kd/students/growing.py), so it keeps what it has learned.
 `self.network` is the student as an ordinary compact network: it receives the slice before every validation and
 checkpoint, so `network_weights` and stock `nnUNetv2_predict` see the student alone; the master weights and the
-growth stage and schedule travel in the checkpoint's companion file (nnunet_kd.run_core), so `--c` resumes exactly.
-Under DDP the master is what the ranks synchronise (nnunet_kd.growing.SlicedNetworks), so growth needs no new wrapper.
+growth stage and schedule travel in the checkpoint's companion file (nnunet_kd.core.run_core), so `--c` resumes
+exactly. Under DDP the master is what the ranks synchronise (nnunet_kd.students.growing.SlicedNetworks), so growth needs
+no new wrapper.
 Environment overrides: nnUNet_KD_alpha, nnUNet_KD_temperature, nnUNet_KD_scales, nnUNet_KD_max_width, nnUNet_KD_stages.
 """
 from dataclasses import asdict
@@ -21,7 +22,10 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import autocast, nn
 
-from nnunet_kd.growing import (
+from nnunet_kd.core.output_space import nnUNetTrainerKD
+from nnunet_kd.core.settings import GrowingAssistantSettings
+from nnunet_kd.losses import SoftTargetKDLoss
+from nnunet_kd.students.growing import (
     ChannelSlice,
     GrowthStage,
     SlicedNetworks,
@@ -29,10 +33,7 @@ from nnunet_kd.growing import (
     silence_added_channels,
     stage_at,
 )
-from nnunet_kd.losses import SoftTargetKDLoss
-from nnunet_kd.settings import GrowingAssistantSettings
-from nnunet_kd.teacher import TeacherSpec
-from nnunet_kd.trainer import nnUNetTrainerKD
+from nnunet_kd.teachers.frozen import TeacherSpec
 
 
 class nnUNetTrainerKDGrowingAssistant(nnUNetTrainerKD):

@@ -5,9 +5,9 @@ Environment overrides: nnUNet_KD_alpha, nnUNet_KD_scales.
 """
 from dataclasses import replace
 
+from nnunet_kd.core.output_space import nnUNetTrainerKD
+from nnunet_kd.core.settings import KDSettings
 from nnunet_kd.losses import LogitMatchingLoss
-from nnunet_kd.settings import KDSettings
-from nnunet_kd.trainer import nnUNetTrainerKD
 
 
 class nnUNetTrainerKDLogitMatching(nnUNetTrainerKD):

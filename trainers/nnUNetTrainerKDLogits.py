@@ -6,9 +6,9 @@ nnUNet_KD_scales, nnUNet_KD_warmup.
 """
 from dataclasses import replace
 
+from nnunet_kd.core.output_space import nnUNetTrainerKD
+from nnunet_kd.core.settings import SoftTargetSettings
 from nnunet_kd.losses import SoftTargetKDLoss
-from nnunet_kd.settings import SoftTargetSettings
-from nnunet_kd.trainer import nnUNetTrainerKD
 
 
 class nnUNetTrainerKDLogits(nnUNetTrainerKD):

@@ -8,9 +8,9 @@ nnUNet_KD_soft_weight, nnUNet_KD_affinity_weight, nnUNet_KD_temperature, nnUNet_
 """
 from dataclasses import replace
 
+from nnunet_kd.core.output_space import nnUNetTrainerKD
+from nnunet_kd.core.settings import MultiScaleSettings
 from nnunet_kd.losses import ClassAffinityKDLoss, DeepSupervisionKD, SoftTargetKDLoss, parse_scale_weights
-from nnunet_kd.settings import MultiScaleSettings
-from nnunet_kd.trainer import nnUNetTrainerKD
 
 
 class nnUNetTrainerKDMultiScale(nnUNetTrainerKD):

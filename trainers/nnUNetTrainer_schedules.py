@@ -12,7 +12,7 @@ Named `<trainer>_<schedule>`, e.g. `nnUNetTrainerKDLogits_debug`, `nnUNetTrainer
   `nnUNetTrainer_40x50`, the teacher of setup_scripts/study_hippocampus.sh.
 
 Any other length, for this package's trainers only: `nnUNet_KD_num_epochs` and `nnUNet_KD_iterations_per_epoch`
-(see nnunet_kd.schedule); `nnunet_kd study --epochs E --iterations I` uses them.
+(see nnunet_kd.core.schedule); `nnunet_kd study --epochs E --iterations I` uses them.
 """
 import importlib
 import inspect
@@ -22,8 +22,8 @@ import torch
 from nnUNetTrainerStudent import nnUNetTrainerStudent
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_kd.run_core import nnUNetTrainerKDRun
-from nnunet_kd.schedule import SCHEDULES
+from nnunet_kd.core.run_core import nnUNetTrainerKDRun
+from nnunet_kd.core.schedule import SCHEDULES
 
 
 def kd_trainers(folder: Path = Path(__file__).parent) -> list[type]:

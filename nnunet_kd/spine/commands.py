@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_kd.errors import KDConfigurationError
+from nnunet_kd.core.settings import KDConfigurationError
 
 DATASET_NAMES = ("SpineLocation", "SpineVertebrae", "SpineOneShot")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_kd.errors import KDConfigurationError
+from nnunet_kd.core.settings import KDConfigurationError
 from nnunet_kd.spine.derive import (
     AIR_HU,
     PATCH_MARGIN_MM,

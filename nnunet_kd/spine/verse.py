@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_kd.errors import KDConfigurationError
+from nnunet_kd.core.settings import KDConfigurationError
 
 CT_SUFFIX, MASK_SUFFIX, CENTROIDS_SUFFIX = "_ct.nii.gz", "_seg-vert_msk.nii.gz", "_seg-subreg_ctd.json"
 

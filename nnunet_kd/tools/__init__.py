@@ -5,18 +5,7 @@ import os
 import sys
 from pathlib import Path
 
-# the trainer classes of this source tree (setup_scripts/install.sh installs nnunet-kd from it), for nnU-Net's
-# nnUNet_extTrainer when the user has not set it
-TRAINERS_FOLDER = Path(__file__).resolve().parents[2] / "trainers"
-
-
-def ensure_ext_trainer() -> str:
-    """nnUNet_extTrainer in this process: the user's, or this package's trainers when unset. nnU-Net finds trainer
-    classes outside its own package only through it, and the commands that load or train this package's models must
-    work without the user setting it up."""
-    if not os.environ.get("nnUNet_extTrainer"):
-        os.environ["nnUNet_extTrainer"] = str(TRAINERS_FOLDER)
-    return os.environ["nnUNet_extTrainer"]
+from nnunet_kd.core.settings import TRAINERS_FOLDER
 
 
 def command_environment(extra: dict[str, str] | None = None) -> dict[str, str]:

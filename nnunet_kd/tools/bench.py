@@ -24,11 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nnunet_kd.checkpoints import count_weights, load_checkpoint
-from nnunet_kd.errors import KDConfigurationError
-from nnunet_kd.schedule import split_schedule
-from nnunet_kd.settings import SETTINGS_FILE
-from nnunet_kd.tools import ensure_ext_trainer
+from nnunet_kd.core.checkpoints import count_weights, load_checkpoint
+from nnunet_kd.core.schedule import split_schedule
+from nnunet_kd.core.settings import SETTINGS_FILE, KDConfigurationError, ensure_ext_trainer
 
 
 def _sync(device: torch.device) -> None:
@@ -112,9 +110,9 @@ def bench_step(dataset: str, configuration: str, plans: str, trainers: Sequence[
     """
     from nnunetv2.run.run_training import get_trainer_from_args
 
-    from nnunet_kd.settings import ENV_TEACHER_TARGETS
-    from nnunet_kd.teacher import TeacherSpec
-    from nnunet_kd.trainer import nnUNetTrainerKD
+    from nnunet_kd.core.output_space import nnUNetTrainerKD
+    from nnunet_kd.core.settings import ENV_TEACHER_TARGETS
+    from nnunet_kd.teachers.frozen import TeacherSpec
 
     torch_device = torch.device(device)
     folds = tuple(f if f == "all" else int(f) for f in teacher_folds) if teacher_folds else (fold,)

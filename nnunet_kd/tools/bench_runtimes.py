@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from nnunet_kd.batched_prediction import load_predictor
-from nnunet_kd.cpu_inference import use_stock_convolutions
-from nnunet_kd.errors import KDConfigurationError
+from nnunet_kd.core.settings import KDConfigurationError
+from nnunet_kd.deploy.batched_prediction import load_predictor
+from nnunet_kd.deploy.cpu_inference import use_stock_convolutions
 
 REFERENCE = ("nnU-Net", 1)
 

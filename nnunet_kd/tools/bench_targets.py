@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nnunet_kd.compact_targets import decode_top_k
 from nnunet_kd.losses import LogitMatchingLoss, SoftTargetKDLoss
-from nnunet_kd.teacher_targets import FORMATS, StoredTargets, _store_case, _write_json_atomically, case_arrays
+from nnunet_kd.teachers.compact_targets import decode_top_k
+from nnunet_kd.teachers.stored_targets import FORMATS, StoredTargets, _store_case, _write_json_atomically, case_arrays
 
 DENSE = "dense"
 
@@ -82,7 +82,7 @@ def bench_target_formats(dataset: str, configuration: str, plans: str, targets: 
     from nnunetv2.run.run_training import get_trainer_from_args
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
-    from nnunet_kd.settings import ENV_TEACHER_TARGETS
+    from nnunet_kd.core.settings import ENV_TEACHER_TARGETS
     from nnunet_kd.tools.bench import _environment, _time_loader
     from nnunet_kd.tools.cli import _dataset_folder
 

@@ -7,8 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from nnunet_kd.errors import KDConfigurationError
-from nnunet_kd.tools import ensure_ext_trainer
+from nnunet_kd.core.settings import KDConfigurationError, ensure_ext_trainer
 
 
 def dataset_name(dataset: str) -> str:
@@ -46,7 +45,7 @@ def _read_plans(dataset: str, plans_name: str) -> tuple[Path, dict]:
 
 
 def student_plans_command(args: argparse.Namespace) -> None:
-    from nnunet_kd.plans import count_parameters, make_student_plans, write_plans
+    from nnunet_kd.students.plans import count_parameters, make_student_plans, write_plans
 
     folder, teacher_plans = _read_plans(args.dataset, args.plans)
     dataset_json = json.loads((folder / "dataset.json").read_text())
@@ -71,7 +70,7 @@ def student_plans_command(args: argparse.Namespace) -> None:
 def batch_plans_command(args: argparse.Namespace) -> None:
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_kd.plans import with_batch_size, write_plans
+    from nnunet_kd.students.plans import with_batch_size, write_plans
 
     folder, plans = _read_plans(args.dataset, args.plans)
     variant = with_batch_size(plans, args.configurations, args.batch_size, args.name)
@@ -109,7 +108,7 @@ def generate_dataset_command(args: argparse.Namespace) -> None:
 
 
 def subset_channels_command(args: argparse.Namespace) -> None:
-    from nnunet_kd.modalities import subset_raw_dataset
+    from nnunet_kd.students.modalities import subset_raw_dataset
 
     raw = Path(_raw_folder(args.raw))
     source = dataset_name(args.dataset)
@@ -118,7 +117,7 @@ def subset_channels_command(args: argparse.Namespace) -> None:
 
 
 def holdout_command(args: argparse.Namespace) -> None:
-    from nnunet_kd.holdout import write_holdout_dataset
+    from nnunet_kd.data.holdout import write_holdout_dataset
 
     raw = Path(_raw_folder(args.raw))
     source = dataset_name(args.dataset)
@@ -132,7 +131,7 @@ def holdout_command(args: argparse.Namespace) -> None:
 
 
 def check_channels_command(args: argparse.Namespace) -> None:
-    from nnunet_kd.modalities import select_channels, subset_preprocessing_difference
+    from nnunet_kd.students.modalities import select_channels, subset_preprocessing_difference
 
     dataset = dataset_name(args.dataset)
     raw = Path(_raw_folder(None)) / dataset
@@ -323,10 +322,10 @@ def study_report_command(args: argparse.Namespace) -> None:
 
 
 def schedules_command(args: argparse.Namespace) -> None:
-    from nnunet_kd.schedule import SCHEDULES
+    from nnunet_kd.core.schedule import SCHEDULES
 
     print("Every trainer in trainers/ (and the stock nnUNetTrainer) has a variant <trainer>_<schedule>, made in "
-          "trainers/nnUNetTrainer_schedules.py from this table (nnunet_kd/schedule.py); nnU-Net ships "
+          "trainers/nnUNetTrainer_schedules.py from this table (nnunet_kd/core/schedule.py); nnU-Net ships "
           "nnUNetTrainer_<N>epochs itself:")
     for name, attributes in SCHEDULES.items():
         print(f"  _{name:<10} " + ", ".join(f"{k}={v}" for k, v in attributes.items()))
@@ -346,7 +345,7 @@ def _model_folder(args: argparse.Namespace) -> str:
 
 
 def export_command(args: argparse.Namespace) -> None:
-    from nnunet_kd.export import export_onnx
+    from nnunet_kd.deploy.export import export_onnx
 
     model = _model_folder(args)
     ensure_ext_trainer()
@@ -358,7 +357,7 @@ def export_command(args: argparse.Namespace) -> None:
 
 
 def predict_onnx_command(args: argparse.Namespace) -> None:
-    from nnunet_kd.export import load_onnx_predictor
+    from nnunet_kd.deploy.export import load_onnx_predictor
 
     predictor = load_onnx_predictor(args.model, args.folds, args.step_size, not args.disable_tta, args.threads,
                                     allow_tqdm=not args.disable_progress_bar, runtime=args.runtime,
@@ -377,8 +376,8 @@ def teacher_targets_command(args: argparse.Namespace) -> None:
     import torch
     from nnunetv2.paths import nnUNet_results
 
-    from nnunet_kd.teacher import TeacherSpec
-    from nnunet_kd.teacher_targets import default_targets_name, summarise, targets_root, write_teacher_targets
+    from nnunet_kd.teachers.frozen import TeacherSpec
+    from nnunet_kd.teachers.stored_targets import default_targets_name, summarise, targets_root, write_teacher_targets
 
     name = dataset_name(args.dataset)
     folder = args.teacher or f"nnUNetTrainer__nnUNetPlans__{args.configuration}"

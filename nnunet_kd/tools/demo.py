@@ -14,9 +14,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nnunet_kd.checkpoints import count_weights, load_checkpoint
+from nnunet_kd.core.checkpoints import count_weights, load_checkpoint
+from nnunet_kd.core.settings import TRAINERS_FOLDER
 from nnunet_kd.data.synthetic import LABELS, SyntheticSpec, write_dataset
-from nnunet_kd.tools import TRAINERS_FOLDER, command_environment
+from nnunet_kd.tools import command_environment
 from nnunet_kd.tools.bench import bench_infer
 
 DATASET_ID = 900

@@ -19,8 +19,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from nnunet_kd.errors import KDConfigurationError
-from nnunet_kd.settings import (
+from nnunet_kd.core.settings import (
     ENV_ITERATIONS_PER_EPOCH,
     ENV_NUM_EPOCHS,
     ENV_SEED,
@@ -28,8 +27,10 @@ from nnunet_kd.settings import (
     ENV_TEACHER,
     ENV_TEACHER_TARGETS,
     ENV_VAL_ITERATIONS_PER_EPOCH,
+    TRAINERS_FOLDER,
+    KDConfigurationError,
 )
-from nnunet_kd.tools import TRAINERS_FOLDER, command_environment
+from nnunet_kd.tools import command_environment
 
 STUDY_FILE = "study.json"
 # which folds of the teacher, with or without mirroring, predicted the test set
@@ -205,7 +206,7 @@ def reuse_baseline_runs(plan: StudyPlan, study: Path, source: Path, source_plan:
 
 
 def _learns_from_teacher(trainer_class: str) -> bool:
-    from nnunet_kd.trainer import nnUNetTrainerKD
+    from nnunet_kd.core.output_space import nnUNetTrainerKD
 
     return issubclass(_find_trainer_class(trainer_class), nnUNetTrainerKD)
 
@@ -243,7 +244,7 @@ def stored_targets_teacher(plan: StudyPlan) -> dict:
     """The teacher entry of the stored targets' manifest (model folder, folds, mirroring)."""
     from nnunetv2.paths import nnUNet_preprocessed
 
-    from nnunet_kd.teacher_targets import StoredTargets
+    from nnunet_kd.teachers.stored_targets import StoredTargets
 
     folder = Path(nnUNet_preprocessed.get()) / plan.dataset
     return StoredTargets.locate(plan.teacher_targets, folder).manifest["teacher"]
@@ -262,7 +263,7 @@ def check_inputs(plan: StudyPlan) -> None:
     """Everything that can be wrong before the first run: folders, plans, trainer classes, the teacher."""
     from nnunetv2.paths import nnUNet_preprocessed
 
-    from nnunet_kd.teacher import TeacherSpec, check_teacher_files
+    from nnunet_kd.teachers.frozen import TeacherSpec, check_teacher_files
 
     if not nnUNet_preprocessed.is_set():
         raise KDConfigurationError("nnUNet_preprocessed is not set; export it as for any nnU-Net command.")
@@ -275,7 +276,7 @@ def check_inputs(plan: StudyPlan) -> None:
         raise KDConfigurationError(f"{plans_file} has no configuration {plan.configuration!r} (it has "
                                    f"{sorted(configurations)}).")
     if plan.student_channels:
-        from nnunet_kd.modalities import select_channels
+        from nnunet_kd.students.modalities import select_channels
 
         dataset_json = json.loads((Path(nnUNet_preprocessed.get()) / plan.dataset / "dataset.json").read_text())
         select_channels(dataset_json, plan.student_channels, "--student-channels")
@@ -360,7 +361,7 @@ def student_test_images(plan: StudyPlan, study: Path) -> str:
         return plan.test_images
     from nnunetv2.paths import nnUNet_preprocessed
 
-    from nnunet_kd.modalities import subset_images
+    from nnunet_kd.students.modalities import subset_images
 
     dataset_json = json.loads((Path(nnUNet_preprocessed.get()) / plan.dataset / "dataset.json").read_text())
     return str(subset_images(plan.test_images, study / "test_inputs", dataset_json, plan.student_channels))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_kd.errors import KDConfigurationError
+from nnunet_kd.core.settings import KDConfigurationError
 from nnunet_kd.tools.study import (
     PAIRING_FIELDS,
     STUDY_FILE,
@@ -74,7 +74,7 @@ class TrainerResult:
 
 
 def _run_logging(run: Run) -> dict:
-    from nnunet_kd.checkpoints import load_checkpoint
+    from nnunet_kd.core.checkpoints import load_checkpoint
 
     return load_checkpoint(run.fold_folder / "checkpoint_final.pth").get("logging", {})
 
@@ -170,7 +170,7 @@ def _model_costs(plan: StudyPlan, study: Path, results: dict[str, TrainerResult]
     cases = validation_cases(folders[-1][1], plan.fold, predictors[-1], time_cases)
     channels = [None] * len(folders)
     if plan.student_channels:  # the cases have every channel; each student reads its own
-        from nnunet_kd.modalities import select_channels
+        from nnunet_kd.students.modalities import select_channels
 
         picked = select_channels(predictors[0].dataset_json, plan.student_channels).indices
         channels = [None] + [picked] * (len(folders) - 1)

@@ -7,13 +7,13 @@ resampling), and stores per case, in float16 blosc2 like nnU-Net's preprocessed 
   the class-centred logit matching ignore;
 - sigmoid (region) tasks: the logits.
 With `target_format="topk"` (softmax tasks) a case stores per voxel only the k most probable classes and the mass
-outside them, and per case the sums of a tail profile (`nnunet_kd.compact_targets`): its size per voxel does not grow
-with the number of classes.
+outside them, and per case the sums of a tail profile (`nnunet_kd.teachers.compact_targets`): its size per voxel
+does not grow with the number of classes.
 A manifest records where the targets come from and which preprocessed voxels and labels they belong to. Large
 datasets split the work as `nnUNetv2_predict` does (`num_parts`, `part_id`): each part keeps its own manifest, and
 reading them checks that every part was written by the same teacher with the same settings.
 
-Training reads them through `nnunet_kd.targets_loader`.
+Training reads them through `nnunet_kd.teachers.targets_loader`.
 """
 from __future__ import annotations
 
@@ -30,11 +30,11 @@ import numpy as np
 import torch
 
 from nnunet_kd import __version__
-from nnunet_kd.batched_prediction import load_predictor
-from nnunet_kd.compact_targets import check_top_k, decode_top_k, encode_top_k, tail_profile_sums, tail_weights
-from nnunet_kd.errors import KDConfigurationError
-from nnunet_kd.settings import ENV_TEACHER_TARGETS
-from nnunet_kd.teacher import TeacherSpec, check_teacher_files, compatibility_problems, file_sha256, normalised_labels
+from nnunet_kd.core.checkpoints import file_sha256
+from nnunet_kd.core.settings import ENV_TEACHER_TARGETS, KDConfigurationError
+from nnunet_kd.deploy.batched_prediction import load_predictor
+from nnunet_kd.teachers.compact_targets import check_top_k, decode_top_k, encode_top_k, tail_profile_sums, tail_weights
+from nnunet_kd.teachers.frozen import TeacherSpec, check_teacher_files, compatibility_problems, normalised_labels
 
 TARGETS_FOLDER = "kd_targets"
 MANIFEST = "manifest.json"
@@ -195,7 +195,7 @@ def write_teacher_targets(teacher: TeacherSpec, preprocessed_dataset_folder: str
 
     `target_format`: "dense" (every class) or "topk" (the `top_k` most probable classes and the rest's mass; softmax
     tasks only). `num_parts`/`part_id`: this process does every `num_parts`-th case, starting at `part_id`.
-    `tile_batch`: sliding-window tiles per network call (`nnunet_kd.batched_prediction`).
+    `tile_batch`: sliding-window tiles per network call (`nnunet_kd.deploy.batched_prediction`).
     Re-running continues: cases already stored are kept. Targets of another teacher (or other settings) in `output`
     are refused unless `force`, which deletes them (every part's) first.
     """

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnunet_kd.errors import KDConfigurationError
+from nnunet_kd.core.settings import KDConfigurationError
 
 RUNTIMES = ("openvino", "onnxruntime")
 PRECISIONS = ("f32", "bf16")

@@ -4,12 +4,12 @@ A KD trainer is an ordinary nnUNetTrainer whose network is the student. The teac
 the start of training, outside `self.network`, so checkpoints, validation and `nnUNetv2_predict` see only the
 student, rebuilt from the plans by the inherited static `build_network_architecture`. With
 `nnUNet_KD_teacher_targets` no teacher is loaded: the teacher's stored outputs come with each batch through nnU-Net's
-data loader and augmentation (`nnunet_kd.teacher_targets`). The run's bookkeeping (seed, settings, run record,
-resume, loss-part logging) is the shared core's (`nnunet_kd.run_core`).
+data loader and augmentation (`nnunet_kd.teachers.stored_targets`). The run's bookkeeping (seed, settings, run record,
+resume, loss-part logging) is the shared core's (`nnunet_kd.core.run_core`).
 
 With `nnUNet_KD_student_channels` the student sees only some of the dataset's channels (privileged-modality KD): the
 teacher, trained on every channel, gets all of them of the same augmented patch (or its stored targets, computed
-once on all channels), the student its own (`nnunet_kd.modalities.StudentChannelsMixin`).
+once on all channels), the student its own (`nnunet_kd.students.modalities.StudentChannelsMixin`).
 """
 from __future__ import annotations
 
@@ -20,29 +20,34 @@ import torch
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
 
-from nnunet_kd.cpu_inference import build_network_with_onednn
-from nnunet_kd.errors import KDConfigurationError
+from nnunet_kd.core.checkpoints import file_sha256
+from nnunet_kd.core.run_core import batch_to_device, nnUNetTrainerKDRun
+from nnunet_kd.core.settings import (
+    ENV_TEACHER_TARGETS,
+    SETTINGS_FILE,
+    BaseKDSettings,
+    KDConfigurationError,
+    KDSettings,
+    RunEnvironment,
+)
+from nnunet_kd.deploy.cpu_inference import build_network_with_onednn
 from nnunet_kd.losses import DeepSupervisionKD, kd_scale_weights
-from nnunet_kd.run_core import nnUNetTrainerKDRun
-from nnunet_kd.settings import ENV_TEACHER_TARGETS, SETTINGS_FILE, BaseKDSettings, KDSettings, RunEnvironment
-from nnunet_kd.targets_loader import (
+from nnunet_kd.teachers.frozen import (
+    FrozenTeacher,
+    TeacherSpec,
+    check_teacher_files,
+    compatibility_problems,
+    load_teacher,
+    resolve_teacher_spec,
+)
+from nnunet_kd.teachers.stored_targets import FORMATS, StoredTargets
+from nnunet_kd.teachers.targets_loader import (
     TargetsDataset,
     dense_targets,
     split_batch,
     teacher_outputs_from_targets,
     with_stored_targets,
 )
-from nnunet_kd.teacher import (
-    FrozenTeacher,
-    TeacherSpec,
-    check_teacher_files,
-    compatibility_problems,
-    file_sha256,
-    load_teacher,
-    resolve_teacher_spec,
-)
-from nnunet_kd.teacher_targets import FORMATS, StoredTargets
-from nnunet_kd.training import batch_to_device
 
 
 class nnUNetTrainerKD(nnUNetTrainerKDRun):

@@ -10,11 +10,12 @@ image, 0 where the loader or the spatial transform padded) normalises the interp
 than half a voxel is valid the teacher never saw the image, and the student's own (detached) output takes the
 teacher's place, so voxel-wise KD terms have no gradient there.
 
-Top-k targets (`nnunet_kd.compact_targets`) hold class indices, which no interpolation may blend; and resampling
-them costs the same whatever the number of classes only if they are not expanded first. So the augmentation moves a
-field of source coordinates instead (the voxel grid of the loader's crop, linearly resampled: exact for the affine
-and elastic transforms, and mirrored with the image), and after it each voxel takes the stored indices and values of
-its nearest source voxel. The train step expands them to every class on the device (`decode_top_k`).
+Top-k targets (`nnunet_kd.teachers.compact_targets`) hold class indices, which no interpolation may blend; and
+resampling them costs the same whatever the number of classes only if they are not expanded first. So the
+augmentation moves a field of source coordinates instead (the voxel grid of the loader's crop, linearly resampled:
+exact for the affine and elastic transforms, and mirrored with the image), and after it each voxel takes the stored
+indices and values of its nearest source voxel. The train step expands them to every class on the device
+(`decode_top_k`).
 """
 from __future__ import annotations
 
@@ -25,10 +26,10 @@ import torch
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 
-from nnunet_kd.compact_targets import decode_top_k
-from nnunet_kd.errors import KDConfigurationError
+from nnunet_kd.core.settings import KDConfigurationError
 from nnunet_kd.losses.deep_supervision import resample_logits
-from nnunet_kd.teacher_targets import FORMATS, StoredTargets, case_arrays
+from nnunet_kd.teachers.compact_targets import decode_top_k
+from nnunet_kd.teachers.stored_targets import FORMATS, StoredTargets, case_arrays
 
 # below this share of valid voxels (after interpolation) a target voxel lies in padding the teacher never saw
 MIN_VALID = 0.5

@@ -16,9 +16,8 @@ from pathlib import Path
 
 from torch import nn
 
-from nnunet_kd.cpu_inference import build_network_with_onednn
-from nnunet_kd.errors import KDConfigurationError
-from nnunet_kd.settings import ENV_STUDENT_CHANNELS
+from nnunet_kd.core.settings import ENV_STUDENT_CHANNELS, KDConfigurationError
+from nnunet_kd.deploy.cpu_inference import build_network_with_onednn
 
 
 def channel_names(dataset_json: dict) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_kd.errors import KDConfigurationError
+from nnunet_kd.core.settings import KDConfigurationError
 
 
 def _link_or_copy(source: Path, destination: Path) -> None:

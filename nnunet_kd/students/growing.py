@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from nnunet_kd.errors import KDConfigurationError
+from nnunet_kd.core.settings import KDConfigurationError
 
 # nnU-Net's U-Nets whose decoder (UNetDecoder) concatenates [transposed-conv output, skip] before each decoder stage
 SLICEABLE_ARCHITECTURES = ("PlainConvUNet", "ResidualEncoderUNet")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,7 +33,9 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunetv2.utilities.helpers import empty_cache
 
-from nnunet_kd.errors import KDConfigurationError
+from nnunet_kd.core.settings import KDConfigurationError
+from nnunet_kd.deploy.export import MANIFEST_FILE, NETWORK_FILE, read_manifest
+from nnunet_kd.deploy.runtimes import ExportedNetwork, default_runtime
 
 # Tiles per call by default: as many as hold about this many voxels, at most MAX_TILE_BATCH. Measured on a 2-core CPU
 # (BENCHMARKS.md): a 3D student's 32x40x40 tiles ran fastest at 4 per call (8 was slower again: the activations
@@ -139,11 +142,9 @@ def load_predictor(model: str | Path, folds: Sequence[int | str] | None = None, 
     """A model loaded once for many predictions: a trained model folder
     (`$nnUNet_results/<dataset>/<trainer>__<plans>__<configuration>`, run by torch on `device`) or an
     `nnunet_kd export` folder (run on the CPU by `runtime`: "openvino" or "onnxruntime"; default OpenVINO where
-    installed; `precision` "bf16" is OpenVINO's faster opt-in, see `nnunet_kd.runtimes`). `folds`: default every
+    installed; `precision` "bf16" is OpenVINO's faster opt-in, see `nnunet_kd.deploy.runtimes`). `folds`: default every
     fold that has the checkpoint (or every exported fold), averaged as nnUNetv2_predict does. Mirroring on by
     default, as in nnUNetv2_predict."""
-    from nnunet_kd.export import MANIFEST_FILE, load_onnx_predictor, read_manifest
-
     model = Path(model)
     if (model / MANIFEST_FILE).is_file() or runtime not in (None, "torch"):
         read_manifest(model)  # names the problem: not an export, or a model folder to export first
@@ -152,8 +153,8 @@ def load_predictor(model: str | Path, folds: Sequence[int | str] | None = None, 
     if precision != "f32":
         raise KDConfigurationError(f"--precision {precision} is an OpenVINO setting: export the model "
                                    f"(`nnunet_kd export`) and predict the export.")
-    from nnunet_kd.cpu_inference import use_onednn_convolutions
-    from nnunet_kd.tools import ensure_ext_trainer
+    from nnunet_kd.core.settings import ensure_ext_trainer
+    from nnunet_kd.deploy.cpu_inference import use_onednn_convolutions
 
     ensure_ext_trainer()  # the student's trainer class lives in this package's trainers folder
     torch_device = torch.device(device)
@@ -167,4 +168,36 @@ def load_predictor(model: str | Path, folds: Sequence[int | str] | None = None, 
         use_onednn_convolutions(getattr(predictor.network, "_orig_mod", predictor.network))
     if threads:
         torch.set_num_threads(threads)
+    return predictor
+
+
+def load_onnx_predictor(export_folder: str | Path, folds: Sequence[int | str] | None = None,
+                        tile_step_size: float = 0.5, use_mirroring: bool = True, threads: int | None = None,
+                        allow_tqdm: bool = True, verbose: bool = False, runtime: str | None = None,
+                        tile_batch: int | None = None, precision: str = "f32") -> BatchedPredictor:
+    """nnU-Net's predictor (CPU, `tile_batch` tiles per call) whose network is the exported graph of the chosen folds,
+    compiled by `runtime` (default: OpenVINO where installed, else ONNX Runtime) in `precision`
+    (`nnunet_kd.deploy.runtimes`)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    export_folder = Path(export_folder)
+    manifest = read_manifest(export_folder)
+    fold_names = [str(f) for f in folds] if folds else manifest["folds"]
+    missing = [f for f in fold_names if f not in manifest["folds"]]
+    if missing:
+        raise KDConfigurationError(f"Fold(s) {', '.join(missing)} are not in the export {export_folder}; it holds "
+                                   f"folds {', '.join(manifest['folds'])}.")
+    network = ExportedNetwork([export_folder / f"fold_{f}" / NETWORK_FILE for f in fold_names],
+                              runtime or default_runtime(), threads, batched=manifest.get("batched_tiles", False),
+                              precision=precision)
+    plans_manager = PlansManager(json.loads((export_folder / "plans.json").read_text()))
+    dataset_json = json.loads((export_folder / "dataset.json").read_text())
+    with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net's notice that CPU predicts off-device
+        predictor = BatchedPredictor(tile_step_size=tile_step_size, use_mirroring=use_mirroring,
+                                     device=torch.device("cpu"), verbose=verbose, allow_tqdm=allow_tqdm,
+                                     tile_batch=tile_batch)
+    mirror_axes = manifest["inference_allowed_mirroring_axes"]
+    predictor.manual_initialization(network, plans_manager, plans_manager.get_configuration(manifest["configuration"]),
+                                    network.fold_states(), dataset_json, manifest["trainer_name"],
+                                    tuple(mirror_axes) if mirror_axes is not None else None)
     return predictor

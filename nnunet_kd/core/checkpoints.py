@@ -1,6 +1,7 @@
-"""Reading nnU-Net checkpoints."""
+"""nnU-Net checkpoint files: read, their weights counted, their contents fingerprinted."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -24,3 +25,11 @@ def count_weights(state_dict: dict) -> int:
             seen.add(key)
             total += tensor.numel()
     return total
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,4 +1,5 @@
-"""Every `nnUNet_KD_*` variable this package reads, read and parsed here and nowhere else.
+"""Every `nnUNet_KD_*` variable this package reads, read and parsed here and nowhere else; the error a wrong setting
+raises; and `nnUNet_extTrainer`, through which nnU-Net finds this package's trainers.
 
 Two kinds: the run variables every trainer of the package shares (teacher, seed, training length; `RunEnvironment`),
 and each method's settings, dataclasses whose fields are class defaults (nnU-Net-style trainer variants) overridable
@@ -13,7 +14,24 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from nnunet_kd.errors import KDConfigurationError
+
+class KDConfigurationError(RuntimeError):
+    """A distillation run is set up wrongly; the message names the problem and the fix."""
+
+
+# the trainer classes of this source tree (setup_scripts/install.sh installs nnunet-kd from it), for nnU-Net's
+# nnUNet_extTrainer when the user has not set it
+TRAINERS_FOLDER = Path(__file__).resolve().parents[2] / "trainers"
+
+
+def ensure_ext_trainer() -> str:
+    """nnUNet_extTrainer in this process: the user's, or this package's trainers when unset. nnU-Net finds trainer
+    classes outside its own package only through it, and the commands that load or train this package's models must
+    work without the user setting it up."""
+    if not os.environ.get("nnUNet_extTrainer"):
+        os.environ["nnUNet_extTrainer"] = str(TRAINERS_FOLDER)
+    return os.environ["nnUNet_extTrainer"]
+
 
 ENV_PREFIX = "nnUNet_KD_"
 SETTINGS_FILE = "kd_settings.json"
@@ -22,7 +40,7 @@ ENV_TEACHER = ENV_PREFIX + "teacher"
 ENV_TEACHER_FOLDS = ENV_PREFIX + "teacher_folds"
 ENV_TEACHER_CHECKPOINT = ENV_PREFIX + "teacher_checkpoint"
 ENV_TEACHER_TARGETS = ENV_PREFIX + "teacher_targets"
-# the student's input channels by name, when it sees fewer than the dataset has (nnunet_kd.modalities)
+# the student's input channels by name, when it sees fewer than the dataset has (nnunet_kd.students.modalities)
 ENV_STUDENT_CHANNELS = ENV_PREFIX + "student_channels"
 ENV_SEED = ENV_PREFIX + "seed"
 ENV_NUM_EPOCHS = ENV_PREFIX + "num_epochs"

@@ -7,7 +7,6 @@ network, so checkpoints hold the student alone.
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -18,8 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_kd.errors import KDConfigurationError
-from nnunet_kd.settings import ENV_TEACHER, ENV_TEACHER_CHECKPOINT, ENV_TEACHER_FOLDS, RunEnvironment
+from nnunet_kd.core.settings import (
+    ENV_TEACHER,
+    ENV_TEACHER_CHECKPOINT,
+    ENV_TEACHER_FOLDS,
+    KDConfigurationError,
+    RunEnvironment,
+)
 
 DEFAULT_TEACHER_TRAINER = "nnUNetTrainer"
 DEFAULT_TEACHER_PLANS = "nnUNetPlans"
@@ -80,14 +84,6 @@ def check_teacher_files(spec: TeacherSpec, dataset_name: str, configuration: str
                 f"Teacher checkpoint {path} not found (fold_{fold} has: {present or 'no checkpoints'}). If the "
                 f"teacher's training has not finished, finish it or set {ENV_TEACHER_CHECKPOINT}=checkpoint_best.pth. "
                 f"{train_hint}")
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def normalised_labels(dataset_json: dict) -> tuple:
@@ -214,7 +210,7 @@ class LoadedTeacher:
 
 def _raise_for_unreadable_checkpoint(spec: TeacherSpec) -> None:
     """Name the teacher checkpoint torch cannot read (truncated copy, interrupted download), and the way out."""
-    from nnunet_kd.checkpoints import load_checkpoint
+    from nnunet_kd.core.checkpoints import load_checkpoint
 
     for path in spec.checkpoint_paths():
         try:

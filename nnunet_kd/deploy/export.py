@@ -1,10 +1,10 @@
 """A trained nnU-Net model as ONNX, and nnU-Net's own predictor running it through a CPU inference runtime.
 
 The exported folder holds `dataset.json` and `plans.json` (as a model folder does), one `fold_<f>/network.onnx` per
-fold, and a manifest. `load_onnx_predictor` gives nnU-Net's predictor (the tile-batching subclass,
-`nnunet_kd.batched_prediction`) with its network replaced by the graph compiled by OpenVINO or ONNX Runtime
-(`nnunet_kd.runtimes`): preprocessing, sliding window, mirroring, fold averaging, resampling and export are nnU-Net's
-code. Nothing needs the trainer class, the teacher or this package's trainers folder at prediction time.
+fold, and a manifest. `nnunet_kd.deploy.batched_prediction.load_onnx_predictor` gives nnU-Net's predictor (the
+tile-batching subclass) with its network replaced by the graph compiled by OpenVINO or ONNX Runtime
+(`nnunet_kd.deploy.runtimes`): preprocessing, sliding window, mirroring, fold averaging, resampling and export are
+nnU-Net's code. Nothing needs the trainer class, the teacher or this package's trainers folder at prediction time.
 
 nnU-Net pads every image to at least the patch size and cuts it into tiles of exactly that size, so the graph's
 spatial shape is fixed, which lets the runtime plan every convolution once; only the number of tiles per call varies.
@@ -22,12 +22,10 @@ import numpy as np
 import torch
 
 from nnunet_kd import __version__
-from nnunet_kd.batched_prediction import BatchedPredictor
-from nnunet_kd.checkpoints import load_checkpoint
-from nnunet_kd.cpu_inference import use_stock_convolutions
-from nnunet_kd.errors import KDConfigurationError
-from nnunet_kd.runtimes import ExportedNetwork, default_runtime, onnxruntime_module
-from nnunet_kd.teacher import file_sha256
+from nnunet_kd.core.checkpoints import file_sha256, load_checkpoint
+from nnunet_kd.core.settings import KDConfigurationError
+from nnunet_kd.deploy.cpu_inference import use_stock_convolutions
+from nnunet_kd.deploy.runtimes import onnxruntime_module
 
 MANIFEST_FILE = "nnunet_kd_export.json"
 NETWORK_FILE = "network.onnx"
@@ -117,35 +115,3 @@ def read_manifest(export_folder: str | Path) -> dict:
                 "`nnunet_kd export`." if any(export_folder.glob("fold_*/checkpoint_*.pth")) else "")
         raise KDConfigurationError(f"{export_folder} is not an nnunet_kd export ({MANIFEST_FILE} is missing).{hint}")
     return json.loads(path.read_text())
-
-
-def load_onnx_predictor(export_folder: str | Path, folds: Sequence[int | str] | None = None,
-                        tile_step_size: float = 0.5, use_mirroring: bool = True, threads: int | None = None,
-                        allow_tqdm: bool = True, verbose: bool = False, runtime: str | None = None,
-                        tile_batch: int | None = None, precision: str = "f32") -> BatchedPredictor:
-    """nnU-Net's predictor (CPU, `tile_batch` tiles per call) whose network is the exported graph of the chosen folds,
-    compiled by `runtime` (default: OpenVINO where installed, else ONNX Runtime) in `precision`
-    (`nnunet_kd.runtimes`)."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    export_folder = Path(export_folder)
-    manifest = read_manifest(export_folder)
-    fold_names = [str(f) for f in folds] if folds else manifest["folds"]
-    missing = [f for f in fold_names if f not in manifest["folds"]]
-    if missing:
-        raise KDConfigurationError(f"Fold(s) {', '.join(missing)} are not in the export {export_folder}; it holds "
-                                   f"folds {', '.join(manifest['folds'])}.")
-    network = ExportedNetwork([export_folder / f"fold_{f}" / NETWORK_FILE for f in fold_names],
-                              runtime or default_runtime(), threads, batched=manifest.get("batched_tiles", False),
-                              precision=precision)
-    plans_manager = PlansManager(json.loads((export_folder / "plans.json").read_text()))
-    dataset_json = json.loads((export_folder / "dataset.json").read_text())
-    with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net's notice that CPU predicts off-device
-        predictor = BatchedPredictor(tile_step_size=tile_step_size, use_mirroring=use_mirroring,
-                                     device=torch.device("cpu"), verbose=verbose, allow_tqdm=allow_tqdm,
-                                     tile_batch=tile_batch)
-    mirror_axes = manifest["inference_allowed_mirroring_axes"]
-    predictor.manual_initialization(network, plans_manager, plans_manager.get_configuration(manifest["configuration"]),
-                                    network.fold_states(), dataset_json, manifest["trainer_name"],
-                                    tuple(mirror_axes) if mirror_axes is not None else None)
-    return predictor

@@ -1,2 +1,0 @@
-class KDConfigurationError(RuntimeError):
-    """A distillation run is set up wrongly; the message names the problem and the fix."""
