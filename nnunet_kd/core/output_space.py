@@ -108,13 +108,16 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
         self.prepare_distillation()
         super().on_train_start()
 
-    def prepare_distillation(self, teacher: TeacherSpec | None = None) -> None:
+    def prepare_distillation(self, teacher: TeacherSpec | None = None, targets: str | None = None) -> None:
         """Check the run and the teacher, load the teacher, build the KD terms and write the run record.
 
-        `teacher` replaces the one the environment named (tools such as `nnunet_kd bench` pass it explicitly).
+        `teacher` (a teacher network) or `targets` (stored teacher targets: a name or folder) replaces what the
+        environment named; tools such as `nnunet_kd bench` pass them explicitly.
         """
         if teacher is not None:
             self.teacher_spec, self.targets_request = teacher, None
+        if targets is not None:
+            self.targets_request = targets
         self.check_run_environment()
         if self.targets_request is not None:
             self.save_run_record(self.run_record(**self.use_stored_targets()))

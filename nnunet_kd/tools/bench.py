@@ -111,7 +111,6 @@ def bench_step(dataset: str, configuration: str, plans: str, trainers: Sequence[
     from nnunetv2.run.run_training import get_trainer_from_args
 
     from nnunet_kd.core.output_space import nnUNetTrainerKD
-    from nnunet_kd.core.settings import ENV_TEACHER_TARGETS
     from nnunet_kd.teachers.frozen import TeacherSpec
 
     torch_device = torch.device(device)
@@ -122,11 +121,10 @@ def bench_step(dataset: str, configuration: str, plans: str, trainers: Sequence[
     # user's results untouched
     with tempfile.TemporaryDirectory() as scratch, _environment(nnUNet_results=scratch):
         def prepared(name: str, stored: bool):
-            with _environment(**{ENV_TEACHER_TARGETS: teacher_targets if stored else ""}):
-                trainer = get_trainer_from_args(dataset, configuration, fold, name, plans, device=torch_device)
-                trainer.initialize()
-                if isinstance(trainer, nnUNetTrainerKD):
-                    trainer.prepare_distillation(teacher=None if stored else teacher_spec)
+            trainer = get_trainer_from_args(dataset, configuration, fold, name, plans, device=torch_device)
+            trainer.initialize()
+            if isinstance(trainer, nnUNetTrainerKD):
+                trainer.prepare_distillation(**({"targets": teacher_targets} if stored else {"teacher": teacher_spec}))
             if hasattr(trainer, "grow_to"):
                 trainer.grow_to(len(trainer.schedule) - 1)  # a growing assistant costs most at its widest
             trainer.network.train()

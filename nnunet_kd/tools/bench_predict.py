@@ -63,7 +63,7 @@ from pathlib import Path
 model, options, folds = sys.argv[1], sys.argv[2], sys.argv[3:]
 if (Path(model) / {manifest!r}).is_file():
     import json
-    from nnunet_kd.deploy.export import load_onnx_predictor
+    from nnunet_kd.deploy.batched_prediction import load_onnx_predictor
     load_onnx_predictor(model, folds, **json.loads(options))
 else:
     import torch
@@ -112,7 +112,7 @@ def timed_process(command: Sequence[str], env: dict) -> tuple[float, float]:
 
 def _load(model: str | Path, folds: Sequence[str], use_mirroring: bool, step_size: float, flags: Sequence[str]):
     if is_export(model):
-        from nnunet_kd.deploy.export import load_onnx_predictor
+        from nnunet_kd.deploy.batched_prediction import load_onnx_predictor
 
         return load_onnx_predictor(model, folds, step_size, use_mirroring, allow_tqdm=False, **export_options(flags))
     import torch

@@ -82,7 +82,6 @@ def bench_target_formats(dataset: str, configuration: str, plans: str, targets: 
     from nnunetv2.run.run_training import get_trainer_from_args
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
-    from nnunet_kd.core.settings import ENV_TEACHER_TARGETS
     from nnunet_kd.tools.bench import _environment, _time_loader
     from nnunet_kd.tools.cli import _dataset_folder
 
@@ -120,12 +119,11 @@ def bench_target_formats(dataset: str, configuration: str, plans: str, targets: 
                         (abs(value / dense_value - 1), float((grad - dense_grad).norm() / dense_grad.norm())))
         if loader:
             for name, stored in formats.items():
-                with _environment(**{ENV_TEACHER_TARGETS: str(stored.folder), "nnUNet_n_proc_DA": "0"}), \
-                        contextlib.redirect_stdout(io.StringIO()):  # the trainer's log lines go to its log file
+                with contextlib.redirect_stdout(io.StringIO()):  # the trainer's log lines go to its log file
                     trainer = get_trainer_from_args(dataset, configuration, fold, "nnUNetTrainerKDLogits", plans,
                                                     device=torch.device("cpu"))
                     trainer.initialize()
-                    trainer.prepare_distillation()
+                    trainer.prepare_distillation(targets=str(stored.folder))
                     rows[name]["loader_s"] = _time_loader(trainer, warmup, repeats)
                     if name != DENSE:  # the same files and loader: decoding is the train step's, on the device
                         rows[f"{name} even tail"]["loader_s"] = rows[name]["loader_s"]

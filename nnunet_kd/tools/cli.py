@@ -357,7 +357,7 @@ def export_command(args: argparse.Namespace) -> None:
 
 
 def predict_onnx_command(args: argparse.Namespace) -> None:
-    from nnunet_kd.deploy.export import load_onnx_predictor
+    from nnunet_kd.deploy.batched_prediction import load_onnx_predictor
 
     predictor = load_onnx_predictor(args.model, args.folds, args.step_size, not args.disable_tta, args.threads,
                                     allow_tqdm=not args.disable_progress_bar, runtime=args.runtime,
