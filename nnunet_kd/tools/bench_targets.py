@@ -82,10 +82,10 @@ def bench_target_formats(dataset: str, configuration: str, plans: str, targets: 
     from nnunetv2.run.run_training import get_trainer_from_args
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
+    from nnunet_kd.tools import dataset_folder
     from nnunet_kd.tools.bench import _environment, _time_loader
-    from nnunet_kd.tools.cli import _dataset_folder
 
-    preprocessed = _dataset_folder(dataset)
+    preprocessed = dataset_folder(dataset)
     dense = StoredTargets.locate(targets, preprocessed)
     if dense.manifest["format"] != FORMATS[DENSE]:
         raise ValueError(f"{dense.folder} holds {dense.manifest['format']} targets: bench-targets encodes the other "
