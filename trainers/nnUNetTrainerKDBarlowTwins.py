@@ -20,9 +20,9 @@ from typing import ClassVar
 
 import torch
 from batchgenerators.utilities.file_and_folder_operations import save_json
-from nnunetv2.utilities.helpers import dummy_context
-from torch import autocast, nn
+from torch import nn
 
+from nnunet_kd.core.checkpoints import num_parameters
 from nnunet_kd.core.run_core import batch_to_device, nnUNetTrainerKDRun
 from nnunet_kd.core.settings import SETTINGS_FILE, BarlowTwinsSettings, KDConfigurationError
 from nnunet_kd.losses import BarlowTwinsLoss
@@ -46,6 +46,8 @@ def _out_channels(module: nn.Module) -> int:
 class nnUNetTrainerKDBarlowTwins(nnUNetTrainerKDRun):
     kd_defaults: ClassVar[BarlowTwinsSettings] = BarlowTwinsSettings()
     kd_loss_parts: ClassVar[tuple[str, ...]] = ("student_seg_loss", "teacher_seg_loss", "barlow_twins_loss")
+    # hooks added to a compiled network are not traced, and the teacher is a second network: stay eager
+    compiles = False
     # the student; stock nnUNetv2_predict rebuilds it from the model folder, which lists only the student's channels
     build_network_architecture = staticmethod(build_network_checking_channels)
 
@@ -80,10 +82,6 @@ class nnUNetTrainerKDBarlowTwins(nnUNetTrainerKDRun):
         self.synced_teacher = self.ddp_wrapped(self.teacher)
         self.synced_barlow_twins = self.ddp_wrapped(self.barlow_twins)
 
-    def _do_i_compile(self) -> bool:
-        # hooks added to a compiled network are not traced, and the teacher is a second network: stay eager
-        return False
-
     def configure_optimizers(self):
         if self.teacher is None:  # built after the student, so nnUNet_KD_seed starts it like a plain student
             self._build_teacher()
@@ -114,15 +112,15 @@ class nnUNetTrainerKDBarlowTwins(nnUNetTrainerKDRun):
         self.check_run_environment()
         # nnU-Net writes the student's plans.json and dataset.json into the model folder (they replaced the dataset's)
         super().on_train_start()
-        student_parameters = sum(p.numel() for p in self.network.parameters())
-        teacher_parameters = sum(p.numel() for p in self.teacher.parameters())
+        student_parameters = num_parameters(self.network)
+        teacher_parameters = num_parameters(self.teacher)
         record = self.run_record(
             channels=self.channels.to_json(),
             loss={"student_seg_weight": 1.0, "teacher_seg_weight": 1.0,
                   "barlow_twins_weight": self.kd_settings.barlow_weight},
             student={"num_parameters": student_parameters},
             teacher={"num_parameters": teacher_parameters, "model_folder": self.teacher_output_folder},
-            projector_parameters=sum(p.numel() for p in self.barlow_twins.parameters()))
+            projector_parameters=num_parameters(self.barlow_twins))
         if self.local_rank == 0:
             os.makedirs(os.path.join(self.teacher_output_folder, f"fold_{self.fold}"), exist_ok=True)
             save_json(self.full_plans, os.path.join(self.teacher_output_folder, "plans.json"), sort_keys=False)
@@ -156,16 +154,8 @@ class nnUNetTrainerKDBarlowTwins(nnUNetTrainerKDRun):
 
     def save_checkpoint(self, filename: str) -> None:
         super().save_checkpoint(filename)
-        exported = os.path.basename(filename) in ("checkpoint_final.pth", "checkpoint_best.pth")
-        if exported and self.local_rank == 0 and not self.disable_checkpointing and self.teacher is not None:
-            # nnU-Net's checkpoint format, so nnUNetv2_predict_from_modelfolder can load the teacher folder
-            torch.save({
-                "network_weights": self.teacher.state_dict(),
-                "current_epoch": self.current_epoch + 1,
-                "init_args": self.my_init_kwargs,
-                "trainer_name": type(self).__name__,
-                "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
-            }, self._teacher_checkpoint(filename))
+        if os.path.basename(filename) in ("checkpoint_final.pth", "checkpoint_best.pth") and self.teacher is not None:
+            self.save_network_checkpoint(self.teacher, self._teacher_checkpoint(filename))
 
     # ---- training and validation ----
     def on_train_epoch_start(self):
@@ -186,7 +176,7 @@ class nnUNetTrainerKDBarlowTwins(nnUNetTrainerKDRun):
         """Both networks on one batch of full-channel data: each one's L_seg and L_BT between their bottlenecks."""
         self._capture = True
         try:
-            with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            with self.autocast():
                 teacher_output = self.synced_teacher(data)
                 student_output = self.network(self.student_input(data))
                 parts = {"student_seg_loss": self.loss(student_output, target),

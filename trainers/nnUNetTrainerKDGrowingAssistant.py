@@ -18,10 +18,10 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
-from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
-from torch import autocast, nn
+from torch import nn
 
+from nnunet_kd.core.checkpoints import num_parameters
 from nnunet_kd.core.output_space import nnUNetTrainerKD
 from nnunet_kd.core.settings import GrowingAssistantSettings
 from nnunet_kd.losses import SoftTargetKDLoss
@@ -39,6 +39,7 @@ from nnunet_kd.teachers.frozen import TeacherSpec
 class nnUNetTrainerKDGrowingAssistant(nnUNetTrainerKD):
     kd_defaults = GrowingAssistantSettings(alpha=1.0, temperature=2.0, scales="full")
     kd_loss_parts = ("seg_loss", "kd_loss", "assistant_seg_loss", "assistant_kd_loss", "assistant_width")
+    compiles = False  # the slices swap weights in and out of their modules, and every growth changes their shapes
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -51,9 +52,6 @@ class nnUNetTrainerKDGrowingAssistant(nnUNetTrainerKD):
 
     def build_kd_loss(self, activation: str):
         return SoftTargetKDLoss(self.kd_settings.temperature, activation)
-
-    def _do_i_compile(self):
-        return False  # the slices swap weights in and out of their modules, and every growth changes their shapes
 
     @property
     def student_widths(self) -> list[int]:
@@ -96,7 +94,7 @@ class nnUNetTrainerKDGrowingAssistant(nnUNetTrainerKD):
 
     def kd_record_extras(self) -> dict:
         return {"growth": {"student_widths": self.student_widths, "max_widths": self._max_widths(),
-                           "master_parameters": sum(p.numel() for p in self.master.parameters()),
+                           "master_parameters": num_parameters(self.master),
                            "schedule": [asdict(s) for s in self.schedule]}}
 
     # ---- growth ----
@@ -129,7 +127,7 @@ class nnUNetTrainerKDGrowingAssistant(nnUNetTrainerKD):
         kd, alpha = self.kd_terms["kd_loss"][0], self.kd_settings.alpha * self.kd_ramp
 
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+        with self.autocast():
             # the assistant is the student grown wider: it sees the student's channels, the teacher all of them
             assistant_output, student_output = self.sliced(self.student_input(data), self.assistant_slice,
                                                            self.student_slice)

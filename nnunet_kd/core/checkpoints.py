@@ -1,15 +1,22 @@
-"""nnU-Net checkpoint files: read, their weights counted, their contents fingerprinted."""
+"""nnU-Net checkpoint files: read, their weights counted, their contents fingerprinted; and the parameters of a
+network counted the same way."""
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
 import torch
+from torch import nn
 
 
 def load_checkpoint(path: str | Path) -> dict:
     # nnU-Net checkpoints hold plain Python objects (logging, init args) besides tensors
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def num_parameters(module: nn.Module) -> int:
+    """Parameters of a network (or any module), as nnU-Net's networks and the papers count them."""
+    return sum(p.numel() for p in module.parameters())
 
 
 def count_weights(state_dict: dict) -> int:

@@ -17,10 +17,9 @@ import os
 from typing import ClassVar
 
 import torch
-from nnunetv2.utilities.helpers import dummy_context
-from torch import autocast, nn
+from torch import nn
 
-from nnunet_kd.core.checkpoints import file_sha256
+from nnunet_kd.core.checkpoints import file_sha256, num_parameters
 from nnunet_kd.core.run_core import batch_to_device, nnUNetTrainerKDRun
 from nnunet_kd.core.settings import (
     ENV_TEACHER_TARGETS,
@@ -208,7 +207,7 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
         """The run record's sections for a frozen-teacher run; also logged."""
         teacher = self._loaded_teacher
         padding = self.teacher.padding_for(self.configuration_manager.patch_size)
-        student_parameters = sum(p.numel() for p in self.network.parameters())
+        student_parameters = num_parameters(self.network)
         record = {
             "loss": self.loss_record(),
             "teacher": {**self.teacher_spec.to_json(), "trainer": teacher.trainer_name,
@@ -240,7 +239,7 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
     def student_record(self) -> dict:
         return {"plans": self.plans_manager.plans_name, "configuration": self.configuration_name,
                 "patch_size": list(self.configuration_manager.patch_size),
-                "num_parameters": sum(p.numel() for p in self.network.parameters()),
+                "num_parameters": num_parameters(self.network),
                 "channels": self.channels.to_json() if self.channels is not None else None}
 
     def kd_record_extras(self) -> dict:
@@ -306,7 +305,7 @@ class nnUNetTrainerKD(nnUNetTrainerKDRun):
         data, target, stored = self.inputs_and_targets(batch)
 
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+        with self.autocast():
             output = self.network(self.student_input(data))
             teacher_output = self.teacher_output(data, stored, output)
             parts = {"seg_loss": self.loss(output, target)}

@@ -24,8 +24,9 @@ from nnunetv2.training.logging.nnunet_logger import LocalLogger
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast, nn
 from torch import distributed as dist
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunet_kd import __version__
@@ -121,6 +122,9 @@ class nnUNetTrainerKDRun(StudentChannelsMixin, nnUNetTrainer):
     kd_loss_parts: ClassVar[tuple[str, ...]]
     # whether the method can learn from stored teacher outputs (nnUNet_KD_teacher_targets) instead of a teacher network
     reads_stored_targets: ClassVar[bool] = False
+    # whether nnU-Net may torch.compile the student where it would (nnUNet_compile): not for a method whose step hooks
+    # into the network or swaps weights in and out of it
+    compiles: ClassVar[bool] = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -200,6 +204,14 @@ class nnUNetTrainerKDRun(StudentChannelsMixin, nnUNetTrainer):
             torch.save({"current_epoch": self.current_epoch + 1, **state}, partial)
             os.replace(partial, kd_state_file(filename))
 
+    def save_network_checkpoint(self, network: nn.Module, filename: str) -> None:
+        """`network` alone in nnU-Net's checkpoint format, which nnUNetv2_predict loads (e.g. the model folder of a
+        teacher trained beside the student)."""
+        if self.local_rank == 0 and not self.disable_checkpointing:
+            torch.save({"network_weights": network.state_dict(), "current_epoch": self.current_epoch + 1,
+                        "init_args": self.my_init_kwargs, "trainer_name": type(self).__name__,
+                        "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes}, filename)
+
     def on_train_end(self):
         super().on_train_end()
         # nnU-Net removes checkpoint_latest.pth when training ends; its companion goes with it
@@ -208,6 +220,13 @@ class nnUNetTrainerKDRun(StudentChannelsMixin, nnUNetTrainer):
             os.remove(latest)
 
     # ---- training ----
+    def _do_i_compile(self) -> bool:
+        return self.compiles and super()._do_i_compile()
+
+    def autocast(self):
+        """nnU-Net's mixed precision around a train step's forward passes: autocast on CUDA, nothing elsewhere."""
+        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+
     def sgd_over(self, parameters) -> tuple[torch.optim.Optimizer, PolyLRScheduler]:
         """nnU-Net's optimiser and learning-rate schedule, over whatever the method trains."""
         optimizer = torch.optim.SGD(list(parameters), self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,

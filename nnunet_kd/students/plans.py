@@ -10,6 +10,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from nnunet_kd.core.checkpoints import num_parameters
 from nnunet_kd.core.settings import KDConfigurationError
 
 # keys of nnU-Net architecture kwargs that hold one entry per encoder stage
@@ -134,7 +135,7 @@ def count_parameters(plans: dict, configuration: str, dataset_json: dict) -> int
                                      determine_num_input_channels(manager, config, dataset_json),
                                      manager.get_label_manager(dataset_json).num_segmentation_heads,
                                      allow_init=False, deep_supervision=False)
-    return sum(p.numel() for p in network.parameters())
+    return num_parameters(network)
 
 
 def write_plans(plans: dict, preprocessed_dataset_folder: str | Path, force: bool = False) -> tuple[Path, bool]:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_kd.core.checkpoints import num_parameters
 from nnunet_kd.core.settings import (
     ENV_TEACHER,
     ENV_TEACHER_CHECKPOINT,
@@ -243,4 +244,4 @@ def load_teacher(spec: TeacherSpec, device: torch.device, deep_supervision: bool
         networks.append(network)
     module = FrozenTeacher(networks, required_divisor(predictor.configuration_manager), deep_supervision).to(device)
     return LoadedTeacher(module, predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json,
-                         predictor.trainer_name, sum(p.numel() for p in networks[0].parameters()))
+                         predictor.trainer_name, num_parameters(networks[0]))

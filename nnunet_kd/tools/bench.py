@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nnunet_kd.core.checkpoints import count_weights, load_checkpoint
+from nnunet_kd.core.checkpoints import count_weights, load_checkpoint, num_parameters
 from nnunet_kd.core.schedule import split_schedule
 from nnunet_kd.core.settings import SETTINGS_FILE, KDConfigurationError, ensure_ext_trainer
 
@@ -297,7 +297,7 @@ def network_costs(predictors: Sequence, cases: Sequence[torch.Tensor], device: t
     for predictor in predictors:
         patch = list(predictor.configuration_manager.patch_size)
         rows.append({"trainer": predictor.trainer_name, "plans": predictor.plans_manager.plans_name,
-                     "parameters": sum(p.numel() for p in predictor.network.parameters()),
+                     "parameters": num_parameters(predictor.network),
                      "flops_per_patch": flops_per_patch(predictor.network, len(predictor.dataset_json["channel_names"]),
                                                         patch),
                      "patch_size": patch, "times": []})
