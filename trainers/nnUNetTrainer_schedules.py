@@ -9,7 +9,7 @@ Named `<trainer>_<schedule>`, e.g. `nnUNetTrainerKDLogits_debug`, `nnUNetTrainer
   for nnUNetTrainer; here they exist for nnUNetTrainerStudent and the KD trainers too, so a benchmark trains every
   model alike.
 - `<E>x<I>`: E epochs of I iterations (10 validation iterations): short CPU schedules for real data, e.g.
-  `nnUNetTrainer_40x50`, the teacher of setup_scripts/study_hippocampus.sh.
+  `nnUNetTrainer_40x50`, the teacher of setup_scripts/studies/study_hippocampus.sh.
 
 Any other length, for this package's trainers only: `nnUNet_KD_num_epochs` and `nnUNet_KD_iterations_per_epoch`
 (see nnunet_kd.core.schedule); `nnunet_kd study --epochs E --iterations I` uses them.

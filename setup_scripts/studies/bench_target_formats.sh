@@ -5,14 +5,14 @@
 # 2d with a CPU batch of 32, the stock teacher, a plain w0.25 student, the teacher's dense targets of fold 0 without
 # mirroring, then the bench. Resumable: finished steps are skipped.
 #
-# Usage: bash setup_scripts/bench_target_formats.sh [WORKDIR] [MSD_HIPPOCAMPUS_FOLDER]   (WORKDIR: bench_targets)
+# Usage: bash setup_scripts/studies/bench_target_formats.sh [WORKDIR] [MSD_HIPPOCAMPUS_FOLDER]   (WORKDIR: bench_targets)
 # Environment: NUM_CLASSES [50]; TEACHER_SCHEDULE [40x50] (nnUNetTrainer_<schedule>); STUDENT_EPOCHS [10] x 50
 #   iterations of the plain student; DEVICE [cpu]; SKIP_GENERATED=1 for Hippocampus alone.
 # Measured on a 2-core CPU shared with other runs (50 classes): teacher 40 x 50 iterations ~90 min, student ~20 min,
 #   dense targets ~2 min, the bench ~5 min. Hippocampus: a few minutes per step.
 # A CPU check of the chain: NUM_CLASSES=8 TEACHER_SCHEDULE=debug STUDENT_EPOCHS=1 bash $0 /tmp/formats_check
 set -euo pipefail
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 [ -z "${VIRTUAL_ENV:-}" ] && [ -x "$repo/.venv/bin/nnunet_kd" ] && export PATH="$repo/.venv/bin:$PATH"
 work=$(mkdir -p "${1:-bench_targets}" && cd "${1:-bench_targets}" && pwd)
 classes=${NUM_CLASSES:-50} device=${DEVICE:-cpu} teacher_trainer=nnUNetTrainer_${TEACHER_SCHEDULE:-40x50}

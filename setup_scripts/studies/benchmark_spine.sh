@@ -4,15 +4,15 @@
 # spines: trained on TRAIN_SCANS scans (fold 0), scored on TEST_SCANS other generated scans none of them saw.
 # Every model is trained by the stock `nnUNetv2_train`; re-running continues where it stopped.
 #
-# Usage: bash setup_scripts/benchmark_spine.sh [WORKDIR]
+# Usage: bash setup_scripts/studies/benchmark_spine.sh [WORKDIR]
 # Environment: TRAIN_SCANS [30], TEST_SCANS [10], SCHEDULE [20x50] (the named schedule of every model, e.g. debug,
 # 40x50, 100epochs), STAGE2_SPACING [3] mm (stage 2 and the one-shot baseline; the scans are 2 mm), BATCH [2] (every
 # model's batch; nnU-Net plans 13 for stage 2, for a GPU; empty keeps nnU-Net's), WIDTH [0.25] (the student),
 # SEEDS [0] (one pair of stage-2 students, alone and distilled, per seed; seed N > 0 trains into seeds/seed_N/results),
 # DEVICE [cpu], TTA [0] (1 predicts with mirroring), REAL [] (a VerSe-style folder of real scans: the same two-stage
-# models predict and are scored on it too, e.g. the TPTBox crop that setup_scripts/spine_smoke_tptbox.sh lays out).
+# models predict and are scored on it too, e.g. the TPTBox crop that setup_scripts/studies/spine_smoke_tptbox.sh lays out).
 set -euo pipefail
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 [ -z "${VIRTUAL_ENV:-}" ] && [ -x "$repo/.venv/bin/nnunet_kd" ] && export PATH="$repo/.venv/bin:$PATH"
 work=$(mkdir -p "${1:-spine_benchmark}" && cd "${1:-spine_benchmark}" && pwd)
 train_scans=${TRAIN_SCANS:-30} test_scans=${TEST_SCANS:-10} schedule=${SCHEDULE:-20x50} width=${WIDTH:-0.25}

@@ -4,14 +4,14 @@
 # speed flags, on the demo's held-out cases and on a CT-sized generated volume; on that volume also the network stage
 # under every runtime and tile batch (`nnunet_kd bench runtimes`) for the student and the teacher.
 #
-# Usage: bash setup_scripts/benchmark_cpu_prediction.sh [DEMO_WORKDIR] [OUT]
+# Usage: bash setup_scripts/studies/benchmark_cpu_prediction.sh [DEMO_WORKDIR] [OUT]
 #   DEMO_WORKDIR  the demo's folder (default: nnunet_kd_demo; made by `nnunet_kd demo` if missing)
 #   OUT           exports, the generated volume and the tables (default: benchmark_cpu_prediction)
 # Environment: REPEATS [2] calls per model and flag set on the demo cases; LARGE_SHAPE ["160 160 160"] (z y x voxels).
 # Run it on an otherwise idle machine: the models' calls are interleaved, but other load still skews the ratios.
 # Time on 2 cores: about 35 min, most of it the teacher's calls on the large volume (9 min with mirroring).
 set -euo pipefail
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 [ -z "${VIRTUAL_ENV:-}" ] && [ -x "$repo/.venv/bin/nnunet_kd" ] && export PATH="$repo/.venv/bin:$PATH"
 demo=${1:-nnunet_kd_demo}
 [ -d "$demo/results" ] || nnunet_kd demo --workdir "$demo"

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Does distillation pay off on real data? MSD Task04 Hippocampus, by default in nnU-Net's 2d configuration sized for a
 # CPU: conversion, planning, a batch-32 plans variant, the teacher, student plans, then `nnunet_kd study` and its
-# report. setup_scripts/study_hippocampus_gpu.sh runs the same in 3d_fullres on one GPU.
+# report. setup_scripts/studies/study_hippocampus_gpu.sh runs the same in 3d_fullres on one GPU.
 #
-# Usage: bash setup_scripts/study_hippocampus.sh MSD_FOLDER [WORKDIR]
+# Usage: bash setup_scripts/studies/study_hippocampus.sh MSD_FOLDER [WORKDIR]
 #   MSD_FOLDER  the Medical Segmentation Decathlon's Task04_Hippocampus folder (imagesTr, labelsTr, dataset.json)
 #   WORKDIR     nnU-Net folders, logs and the studies (default: study_hippocampus)
 # Environment (defaults in brackets):
@@ -17,7 +17,7 @@
 #     WORKDIR/study_<config>_w<width>_fold<FOLD>
 # Re-running continues where it stopped; more TRAINERS or SEEDS later extend the same study.
 set -euo pipefail
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # the environment setup_scripts/install.sh made, unless another one is active
 [ -z "${VIRTUAL_ENV:-}" ] && [ -x "$repo/.venv/bin/nnunet_kd" ] && export PATH="$repo/.venv/bin:$PATH"
 source_dir=$(cd "${1:?give the MSD Task04_Hippocampus folder}" && pwd)

@@ -2,9 +2,9 @@
 # Real-data smoke check of the spine conversion (issue #13): the TPTBox project's CT crop with vertebra masks
 # (Apache-2.0; L2-L4 at 1.5 mm, an oblique array orientation) renamed into the VerSe layout, converted into the three
 # nnU-Net datasets, and each stage-2 patch listed with its memory and label size.
-# Usage: bash setup_scripts/spine_smoke_tptbox.sh SPINE_TPTBOX_SAMPLES_FOLDER [WORKDIR]
+# Usage: bash setup_scripts/studies/spine_smoke_tptbox.sh SPINE_TPTBOX_SAMPLES_FOLDER [WORKDIR]
 set -euo pipefail
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 [ -z "${VIRTUAL_ENV:-}" ] && [ -x "$repo/.venv/bin/nnunet_kd" ] && export PATH="$repo/.venv/bin:$PATH"
 source_dir=$(cd "${1:?give the Spine_TPTBox_samples folder}" && pwd)
 work=$(mkdir -p "${2:-spine_smoke}" && cd "${2:-spine_smoke}" && pwd)

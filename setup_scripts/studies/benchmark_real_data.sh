@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Real-data benchmark: teacher, plain student and every KD trainer with one short schedule, then the report.
 #
-# Usage: bash setup_scripts/benchmark_real_data.sh SOURCE [SCHEDULE] [DEVICE] [WORKDIR]
+# Usage: bash setup_scripts/studies/benchmark_real_data.sh SOURCE [SCHEDULE] [DEVICE] [WORKDIR]
 #   SOURCE   an MSD task folder (e.g. Task04_Hippocampus from the Medical Segmentation Decathlon; converted with nnUNetv2_convert_MSD_dataset)
 #            or an nnU-Net raw dataset folder (DatasetXXX_Name with dataset.json)
 #   SCHEDULE 5epochs, 10epochs, 20epochs, 50epochs, 100epochs, 250epochs (nnU-Net's nnUNetTrainer_<N>epochs and
@@ -11,7 +11,7 @@
 #   WORKDIR  nnU-Net folders and the report (default bench_<dataset>)
 # Re-running continues where it stopped: finished models are skipped, interrupted ones resume with --c.
 set -euo pipefail
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # the environment setup_scripts/install.sh made, unless another one is active
 [ -z "${VIRTUAL_ENV:-}" ] && [ -x "$repo/.venv/bin/nnunet_kd" ] && export PATH="$repo/.venv/bin:$PATH"
 source_dir=$(cd "${1:?give an MSD task folder or an nnU-Net raw dataset folder}" && pwd)

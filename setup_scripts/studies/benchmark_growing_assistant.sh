@@ -3,7 +3,7 @@
 # nnUNetTrainerKDLogits and with nnUNetTrainerKDGrowingAssistant, same schedule, same seed(s), then held-out Dice and
 # the cost of a training step relative to nnUNetTrainerKDLogits.
 #
-# Usage: bash setup_scripts/benchmark_growing_assistant.sh [SCHEDULE] [DEVICE] [WORKDIR]
+# Usage: bash setup_scripts/studies/benchmark_growing_assistant.sh [SCHEDULE] [DEVICE] [WORKDIR]
 #   SCHEDULE demo (6 epochs x 20 iterations, default), debug, or 5epochs ... 250epochs
 #   DEVICE   cpu (default) or cuda
 #   WORKDIR  default bench_growing_assistant
@@ -11,7 +11,7 @@
 #   WIDTH    environment variable: student width (default 0.14: about 2 % of the teacher's parameters)
 # Re-running skips finished models.
 set -euo pipefail
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 [ -z "${VIRTUAL_ENV:-}" ] && [ -x "$repo/.venv/bin/nnunet_kd" ] && export PATH="$repo/.venv/bin:$PATH"
 schedule=${1:-demo}
 device=${2:-cpu}

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Stored teacher targets on real data (MSD Hippocampus 2d, after setup_scripts/study_hippocampus.sh): write the fold-0
+# Stored teacher targets on real data (MSD Hippocampus 2d, after setup_scripts/studies/study_hippocampus.sh): write the fold-0
 # teacher's targets, time a KD step from them against online KD with one and with five teacher networks (data loader
 # included), and train stored-target KDLogits on the study's seeds, to compare with online KDLogits seed by seed.
 #
-# Usage: bash setup_scripts/study_teacher_targets.sh [WORKDIR]   (the WORKDIR study_hippocampus.sh used)
+# Usage: bash setup_scripts/studies/study_teacher_targets.sh [WORKDIR]   (the WORKDIR study_hippocampus.sh used)
 # Environment: SEEDS ["0 1 2"], EPOCHS [40] x ITERATIONS [50], TTA [0]: 1 stores the teacher with mirroring,
 # TRAINERS ["nnUNetTrainerStudent nnUNetTrainerKDLogits"]: the baseline first, then any output-space KD trainers.
 # Without mirroring (the default) the stored teacher is the online teacher's own function, so the comparison isolates
 # storing the outputs (clean image, no intensity augmentation, patch padding masked) from a better teacher.
 set -euo pipefail
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 [ -z "${VIRTUAL_ENV:-}" ] && [ -x "$repo/.venv/bin/nnunet_kd" ] && export PATH="$repo/.venv/bin:$PATH"
 work=$(cd "${1:-study_hippocampus}" && pwd)
 seeds=${SEEDS:-0 1 2} epochs=${EPOCHS:-40} iterations=${ITERATIONS:-50}

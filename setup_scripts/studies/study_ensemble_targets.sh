@@ -5,7 +5,7 @@
 # Both studies predict the held-out test set (the teacher row: as the students learned from it), and
 # `nnunet_kd study-compare` pairs ensemble-taught against fold-taught students by seed and case.
 #
-# Usage: bash setup_scripts/study_ensemble_targets.sh MSD_FOLDER [WORKDIR]
+# Usage: bash setup_scripts/studies/study_ensemble_targets.sh MSD_FOLDER [WORKDIR]
 #   MSD_FOLDER  the Medical Segmentation Decathlon's Task04_Hippocampus folder
 #   WORKDIR     nnU-Net folders, logs and the two studies (default: study_ensemble)
 # Environment (defaults in brackets): TEST_CASES [40] labelled cases held out; SEEDS ["0 1 2"]; EPOCHS [40] x
@@ -15,9 +15,9 @@
 #   2.5 hours (the defaults: about 4).
 # Seeds run in turn, each in both studies; re-running continues where it stopped.
 # A CPU check of the whole chain: TEST_CASES=4 SEEDS="0 1" TEACHER_SCHEDULE=debug EPOCHS=1 ITERATIONS=2 \
-#   bash setup_scripts/study_ensemble_targets.sh MSD_FOLDER /tmp/ensemble_check
+#   bash setup_scripts/studies/study_ensemble_targets.sh MSD_FOLDER /tmp/ensemble_check
 set -euo pipefail
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 [ -z "${VIRTUAL_ENV:-}" ] && [ -x "$repo/.venv/bin/nnunet_kd" ] && export PATH="$repo/.venv/bin:$PATH"
 source_dir=$(cd "${1:?give the MSD Task04_Hippocampus folder}" && pwd)
 work=$(mkdir -p "${2:-study_ensemble}" && cd "${2:-study_ensemble}" && pwd)
