@@ -1,14 +1,107 @@
-"""Commands that prepare a dataset and its plans: student plans, a CPU batch, generated datasets, channel subsets, a
-held-out test set, the channel-subset check, and the named schedules."""
+"""Commands that prepare a dataset and its plans: the whole preparation in one step (`prepare`), student plans, a CPU
+batch, generated datasets, channel subsets, a held-out test set, the channel-subset check, and the named schedules."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
+import subprocess
 from pathlib import Path
 
 from nnunet_kd.core.settings import KDConfigurationError
-from nnunet_kd.tools import dataset_folder, dataset_name, read_plans
+from nnunet_kd.tools import command_environment, dataset_folder, dataset_name, read_plans
+
+
+def _raw_dataset(source: str, raw: Path, dataset_id: int | None) -> tuple[int, str]:
+    """The dataset in nnU-Net's raw folder that `source` names, converted or linked there first where it is not yet: a
+    folder in the Medical Segmentation Decathlon's layout (converted by nnU-Net) or in nnU-Net's raw layout (linked),
+    or the name or id of a dataset already in $nnUNet_raw. Returns (id, DatasetXXX_Name)."""
+    path = Path(source)
+    if not path.is_dir():
+        if path.exists():
+            raise KDConfigurationError(f"{path} is a file: name a dataset folder, or a dataset in $nnUNet_raw.")
+        name = dataset_name(source)
+        return int(name[len("Dataset"):len("Dataset") + 3]), name
+    if not (path / "dataset.json").is_file():
+        raise KDConfigurationError(f"{path} has no dataset.json: give an MSD task folder or an nnU-Net raw dataset "
+                                   f"folder.")
+    dataset_json = json.loads((path / "dataset.json").read_text())
+    named = re.fullmatch(r"(?:Task(\d+)|Dataset(\d{3}))_(.+)", path.name)
+    if dataset_id is None and not named:
+        raise KDConfigurationError(f"{path.name} carries no dataset id (TaskXX_Name, DatasetXXX_Name): pass "
+                                   f"--dataset-id.")
+    number = dataset_id if dataset_id is not None else int(named.group(1) or named.group(2))
+    name = f"Dataset{number:03d}_{named.group(3) if named else path.name}"
+    target = raw / name
+    if (target / "dataset.json").is_file():
+        return number, name
+    taken = sorted(p.name for p in raw.glob(f"Dataset{number:03d}_*"))
+    if taken:
+        raise KDConfigurationError(f"Dataset id {number} is taken in {raw} ({taken[0]}): pass --dataset-id with a "
+                                   f"free id.")
+    if "channel_names" not in dataset_json and "modality" in dataset_json:  # the Decathlon's dataset.json
+        _run(["nnUNetv2_convert_MSD_dataset", "-i", str(path.resolve()), "-overwrite_id", str(number)])
+        converted = sorted(raw.glob(f"Dataset{number:03d}_*"))
+        if converted and converted[0].name != name:  # nnU-Net names it after the task
+            converted[0].rename(target)
+    else:  # nnU-Net reads it where it is: no second copy of the images
+        target.symlink_to(path.resolve(), target_is_directory=True)
+    return number, name
+
+
+def _run(command: list[str], log: Path | None = None) -> None:
+    """An nnU-Net command as a subprocess, its output to `log` (else to the terminal); a failure names the log."""
+    print("$ " + " ".join(command), flush=True)
+    if log is None:
+        proc = subprocess.run(command, env=command_environment())
+    else:
+        with open(log, "w") as out:
+            proc = subprocess.run(command, env=command_environment(), stdout=out, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise KDConfigurationError(f"`{' '.join(command)}` exited {proc.returncode}" + (f"; see {log}" if log else ""))
+
+
+def prepare_command(args: argparse.Namespace) -> None:
+    from nnunet_kd.data.holdout import write_holdout_dataset
+    from nnunet_kd.students.plans import make_student_plans, with_batch_size, write_plans
+
+    raw = Path(_raw_folder(None))
+    if not os.environ.get("nnUNet_preprocessed"):
+        raise KDConfigurationError("nnUNet_preprocessed is not set; export it as for any nnU-Net command.")
+    raw.mkdir(parents=True, exist_ok=True)
+    number, name = _raw_dataset(args.source, raw, args.dataset_id)
+    if args.holdout:
+        if args.holdout_id is None:
+            raise KDConfigurationError("--holdout needs --holdout-id, the id of the dataset without the test cases.")
+        source_name, number = name, args.holdout_id
+        name = f"Dataset{number:03d}_{source_name.split('_', 1)[1]}Holdout{args.holdout}"
+        if not (raw / name / "dataset.json").is_file():
+            split = write_holdout_dataset(raw / source_name, raw / name, args.holdout, args.holdout_seed)
+            print(f"held out {len(split['test'])} labelled cases of {source_name}: {raw / name}/imagesTs, labelsTs")
+    preprocessed = Path(os.environ["nnUNet_preprocessed"]) / name
+    missing = [c for c in args.configurations if not (preprocessed / f"nnUNetPlans_{c}").is_dir()]
+    if missing:
+        preprocessed.mkdir(parents=True, exist_ok=True)
+        log = preprocessed / "plan_and_preprocess.log"
+        _run(["nnUNetv2_plan_and_preprocess", "-d", str(number), "-c", *missing, "--verify_dataset_integrity",
+              "-np", str(args.processes)], log)
+    folder, plans = read_plans(str(number), "nnUNetPlans")
+    if args.batch_size:
+        plans = with_batch_size(plans, args.configurations, args.batch_size)
+        write_plans(plans, folder)
+    made = [plans["plans_name"]]
+    for width in args.widths or ():
+        student = make_student_plans(plans, args.configurations, width)
+        write_plans(student, folder)
+        made.append(student["plans_name"])
+    print(f"{name} (id {number}) is planned and preprocessed for {', '.join(args.configurations)}.")
+    print(f"teacher plans: {made[0]}" + (f"; student plans: {', '.join(made[1:])}" if made[1:] else ""))
+    configuration = args.configurations[0]
+    print(f"train the teacher: nnUNetv2_train {number} {configuration} FOLD -p {made[0]}")
+    if made[1:]:
+        print(f"then a student: nnUNet_KD_teacher=nnUNetTrainer__{made[0]}__{configuration} nnUNetv2_train {number} "
+              f"{configuration} FOLD -tr nnUNetTrainerKDLogits -p {made[1]}")
 
 
 def student_plans_command(args: argparse.Namespace) -> None:
@@ -137,6 +230,25 @@ def schedules_command(args: argparse.Namespace) -> None:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """The dataset and plans commands."""
+    p = sub.add_parser("prepare", help="a dataset ready for teacher and students in one step: an MSD task or nnU-Net "
+                                       "raw folder converted or linked into $nnUNet_raw, an optional held-out test "
+                                       "set, nnU-Net's planning and preprocessing, a CPU batch, student plans")
+    p.add_argument("source", help="an MSD task folder (TaskXX_Name), an nnU-Net raw dataset folder (DatasetXXX_Name), "
+                                  "or the name or id of a dataset in $nnUNet_raw")
+    p.add_argument("-c", "--configurations", nargs="+", default=["3d_fullres"],
+                   help="configurations to plan and preprocess (default: 3d_fullres)")
+    p.add_argument("--dataset-id", type=int, default=None, help="id in $nnUNet_raw (default: the folder's own number)")
+    p.add_argument("--holdout", type=int, default=None, metavar="N",
+                   help="hold out N labelled cases as a test set outside every fold (a new dataset, --holdout-id)")
+    p.add_argument("--holdout-id", type=int, default=None, help="id of the dataset without the held-out cases")
+    p.add_argument("--holdout-seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="a plans variant with this batch (e.g. 32 for 2d on a CPU); the students derive from it")
+    p.add_argument("--widths", type=float, nargs="+", default=None, metavar="W",
+                   help="student plans at these widths (e.g. 0.25 0.125)")
+    p.add_argument("-np", "--processes", type=int, default=2, help="preprocessing processes (default: 2)")
+    p.set_defaults(func=prepare_command)
+
     p = sub.add_parser("student-plans", help="write compact student plans derived from existing nnU-Net plans")
     p.add_argument("dataset", help="dataset name or id, as for nnUNetv2_train")
     p.add_argument("-c", "--configurations", nargs="+", default=["3d_fullres"],

@@ -33,21 +33,12 @@ fi
 work=$(mkdir -p "${4:-bench_$dataset}" && cd "${4:-bench_$dataset}" && pwd)
 export nnUNet_raw=$work/raw nnUNet_preprocessed=$work/preprocessed nnUNet_results=$work/results
 export nnUNet_extTrainer=${nnUNet_extTrainer:-$repo/trainers}
-mkdir -p "$nnUNet_raw" "$work/logs"
+mkdir -p "$work/logs"
 cfg=3d_fullres
 step() { echo "[$(date +%H:%M:%S)] $*"; }
 
-if [ ! -f "$nnUNet_raw/$dataset/dataset.json" ]; then
-  if [[ $name == Task* ]]; then
-    step "converting $name"; nnUNetv2_convert_MSD_dataset -i "$source_dir" -overwrite_id "$id"
-  else
-    step "linking $name"; ln -s "$source_dir" "$nnUNet_raw/$dataset"
-  fi
-fi
-if [ ! -f "$nnUNet_preprocessed/$dataset/nnUNetPlans.json" ]; then
-  step "planning and preprocessing"; nnUNetv2_plan_and_preprocess -d "$id" -c $cfg --verify_dataset_integrity
-fi
-nnunet_kd student-plans "$id" -c $cfg --width 0.25
+step "preparing $name (conversion or link, planning and preprocessing, student plans)"
+nnunet_kd prepare "$source_dir" -c $cfg --widths 0.25 > "$work/logs/prepare.log"
 student=nnUNetPlans_KDStudent_w0.25
 teacher=nnUNetTrainer_${schedule}
 

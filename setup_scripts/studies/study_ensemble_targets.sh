@@ -25,22 +25,14 @@ test_cases=${TEST_CASES:-40} seeds=${SEEDS:-0 1 2} epochs=${EPOCHS:-40} iteratio
 device=${DEVICE:-cpu} teacher_trainer=nnUNetTrainer_${TEACHER_SCHEDULE:-40x50}
 export nnUNet_raw=$work/raw nnUNet_preprocessed=$work/preprocessed nnUNet_results=$work/results
 export nnUNet_extTrainer=${nnUNet_extTrainer:-$repo/trainers} nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-2}
-id=104 dataset=Dataset104_HippocampusHoldout plans=nnUNetPlans_bs32
+id=104 dataset=Dataset104_HippocampusHoldout$test_cases plans=nnUNetPlans_bs32
 students=${plans}_KDStudent_w0.25 teacher=${teacher_trainer}__${plans}__2d
-mkdir -p "$nnUNet_raw" "$work/logs"
+mkdir -p "$work/logs"
 step() { echo "[$(date +%H:%M:%S)] $*"; }
 
-if [ ! -f "$nnUNet_raw/Dataset004_Hippocampus/dataset.json" ]; then
-  step "converting $source_dir"; nnUNetv2_convert_MSD_dataset -i "$source_dir" -overwrite_id 4
-fi
-[ -d "$nnUNet_raw/$dataset" ] ||
-  nnunet_kd holdout 4 --test-cases "$test_cases" --dataset-id $id --name HippocampusHoldout
-if [ ! -d "$nnUNet_preprocessed/$dataset/nnUNetPlans_2d" ]; then
-  step "planning and preprocessing (2d)"
-  nnUNetv2_plan_and_preprocess -d $id -c 2d --verify_dataset_integrity -np 2 > "$work/logs/plan.log"
-fi
-nnunet_kd batch-plans $id -c 2d --batch-size 32 > /dev/null
-nnunet_kd student-plans $id -c 2d -p $plans --width 0.25 > /dev/null
+step "preparing $source_dir: $test_cases held-out test cases, 2d, batch 32, student width 0.25"
+nnunet_kd prepare "$source_dir" -c 2d --holdout "$test_cases" --holdout-id $id --batch-size 32 --widths 0.25 \
+  > "$work/logs/prepare.log"
 
 for fold in 0 1 2 3 4; do
   folder=$nnUNet_results/$dataset/$teacher/fold_$fold

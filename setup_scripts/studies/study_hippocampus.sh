@@ -35,23 +35,17 @@ export nnUNet_extTrainer=${nnUNet_extTrainer:-$repo/trainers}
 # two CPU cores: two augmentation workers keep the network busy without starving it
 export nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-2}
 id=4 dataset=Dataset004_Hippocampus
-mkdir -p "$nnUNet_raw" "$work/logs"
+mkdir -p "$work/logs"
 step() { echo "[$(date +%H:%M:%S)] $*"; }
 
-if [ ! -f "$nnUNet_raw/$dataset/dataset.json" ]; then
-  step "converting $source_dir"; nnUNetv2_convert_MSD_dataset -i "$source_dir" -overwrite_id $id
-fi
-if [ ! -d "$nnUNet_preprocessed/$dataset/nnUNetPlans_$cfg" ]; then
-  step "planning and preprocessing ($cfg)"
-  nnUNetv2_plan_and_preprocess -d $id -c "$cfg" --verify_dataset_integrity -np 2 > "$work/logs/plan_$cfg.log"
-fi
-plans=nnUNetPlans
-if [ "$cfg" = 2d ]; then
-  # nnU-Net plans the 2d batch as large as 5 % of the dataset allows (309 here): a CPU wants 32. Same
-  # data_identifier, so the variant trains on the data just preprocessed.
-  plans=nnUNetPlans_bs32
-  nnunet_kd batch-plans $id -c 2d --batch-size 32 > /dev/null
-fi
+# conversion, nnU-Net's planning and preprocessing, and the students' plans; in 2d with a batch-32 variant of nnU-Net's
+# plans: nnU-Net plans the 2d batch as large as 5 % of the dataset allows (309 here), a CPU wants 32. Same
+# data_identifier, so the variant trains on the data just preprocessed.
+prepare=(); plans=nnUNetPlans
+[ "$cfg" = 2d ] && prepare=(--batch-size 32) plans=nnUNetPlans_bs32
+step "preparing $source_dir ($cfg, student widths $widths)"
+# shellcheck disable=SC2086  # the width list is meant to split
+nnunet_kd prepare "$source_dir" -c "$cfg" "${prepare[@]}" --widths $widths > "$work/logs/prepare_$cfg.log"
 
 teacher_fold=$nnUNet_results/$dataset/${teacher}__${plans}__${cfg}/fold_$fold
 if [ ! -f "$teacher_fold/validation/summary.json" ]; then
@@ -63,7 +57,6 @@ fi
 grep -h "Mean Validation Dice" "$work/logs/teacher_$cfg$suffix.log" | tail -1 || true
 
 for width in $widths; do
-  nnunet_kd student-plans $id -c "$cfg" -p $plans --width "$width"
   # shellcheck disable=SC2086  # word splitting of the lists is intended
   nnunet_kd study $id -c "$cfg" -p "${plans}_KDStudent_w${width}" --teacher "${teacher}__${plans}__${cfg}" \
     --trainers $trainers --seeds $seeds --epochs "$epochs" --iterations "$iterations" --val-iterations 10 \
