@@ -1,11 +1,14 @@
-"""Report arithmetic: the share of the teacher-student gap that KD closed, and class names from dataset.json."""
+"""Report arithmetic: the share of the teacher-student gap that KD closed, and nnU-Net's summary.json read with
+class names from dataset.json."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from nnunet_kd.tools.bench import _gap_closed, _summary_dice
+from nnunet_kd.tools.results import _gap_closed, read_summary
 
 
 def _row(trainer: str, plans: str, mean: float, teacher_folder: str | None = None) -> dict:
@@ -46,9 +49,24 @@ def test_missing_teacher_or_twin_gives_none():
     assert _gap_closed(rows[0], rows) is None
 
 
-def test_summary_classes_are_named_from_dataset_json():
-    summary = {"mean": {"1": {"Dice": 0.9}, "2": {"Dice": 0.5}}, "foreground_mean": {"Dice": 0.7}}
-    per_class, mean, hd95 = _summary_dice(summary, {"background": 0, "organ": 1, "lesion": 2})
-    assert per_class == {"organ": 0.9, "lesion": 0.5} and mean == 0.7 and hd95 is None
-    regions = {"mean": {"(1, 2)": {"Dice": 0.8, "HD95": 3.0}}, "foreground_mean": {"Dice": 0.8}}
-    assert _summary_dice(regions, {"background": 0, "whole": [1, 2]}) == ({"whole": 0.8}, 0.8, 3.0)
+def _summary(tmp_path, per_case: dict[str, dict[str, float]]) -> Path:
+    """A summary.json as nnU-Net writes it: per case its metrics per label (or region), and the means."""
+    keys = list(next(iter(per_case.values())))
+    means = {k: {"Dice": float(np.nanmean([case[k] for case in per_case.values()]))} for k in keys}
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps({
+        "metric_per_case": [{"reference_file": f"/labels/{name}.nii.gz", "prediction_file": f"/out/{name}.nii.gz",
+                             "metrics": {k: {"Dice": d} for k, d in case.items()}} for name, case in per_case.items()],
+        "mean": means, "foreground_mean": {"Dice": float(np.mean([m["Dice"] for m in means.values()]))}}))
+    return path
+
+
+def test_summary_classes_are_named_from_dataset_json_and_means_are_nnunets(tmp_path):
+    path = _summary(tmp_path, {"b": {"1": 0.8, "2": float("nan")}, "a": {"1": 1.0, "2": 0.5}})
+    scores = read_summary(path, {"background": 0, "organ": 1, "lesion": 2})
+    assert scores.cases == ["a", "b"] and scores.classes == ["organ", "lesion"]
+    summary = json.loads(path.read_text())
+    assert scores.class_means == {"organ": pytest.approx(0.9), "lesion": pytest.approx(0.5)}
+    assert scores.foreground_mean == pytest.approx(summary["foreground_mean"]["Dice"])  # nnU-Net's own figure
+    regions = read_summary(_summary(tmp_path, {"a": {"(1, 2)": 0.8}}), {"background": 0, "whole": [1, 2]})
+    assert regions.class_means == {"whole": pytest.approx(0.8)}

@@ -411,7 +411,7 @@ def test_report_tabulates_models_and_the_gap_kd_closed(workspace, kd_student_3d,
     assert lines[0] == "## Dataset901_KDSynthetic"
     header = [c.strip() for c in lines[2].strip("|").split("|")]
     assert header[:6] == ["trainer", "plans", "config", "fold", "params", "GFLOPs/patch"]
-    assert header[-3:] == ["HD95", "cpu s/case", "KD gap closed"]
+    assert header[-3:] == ["mean Dice", "cpu s/case", "KD gap closed"]
     rows = {(r[0], r[1], r[2], r[3]): r for r in
             ([c.strip() for c in line.strip("|").split("|")] for line in lines[4:] if line.startswith("|"))}
     assert any("same plans, fold and named schedule" in line for line in lines)  # says what it compared

@@ -1,4 +1,4 @@
-"""Benchmarks: the cost of a KD training step, student inference speed, and a results report.
+"""Benchmarks: the cost of a KD training step, and student inference speed, size and memory.
 
 Timings are taken side by side in one process (interleaved, after warm-up, medians), because only ratios measured
 together mean something on a shared machine. CUDA timings synchronise and use nnU-Net's own autocast (train_step).
@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
-import math
 import os
 import statistics
 import subprocess
@@ -24,9 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nnunet_kd.core.checkpoints import count_weights, load_checkpoint, num_parameters
-from nnunet_kd.core.schedule import split_schedule
-from nnunet_kd.core.settings import SETTINGS_FILE, KDConfigurationError, ensure_ext_trainer
+from nnunet_kd.core.checkpoints import num_parameters
+from nnunet_kd.core.settings import KDConfigurationError, ensure_ext_trainer
 
 
 def _sync(device: torch.device) -> None:
@@ -350,97 +347,6 @@ def format_infer(result: dict) -> str:
         name = Path(row["model"]).name
         lines.append(f"{name:<60}{row['parameters']:>12,}{row['flops_per_patch'] / 1e9:>14.2f}"
                      f"{row['seconds_per_case']:>9.3f}{row['speed_ratio']:>9.2f}{row['peak_memory_mib']:>10.0f}")
-    return "\n".join(lines)
-
-
-# ---- report ----
-def _summary_dice(summary: dict, labels: dict) -> tuple[dict[str, float], float, float | None]:
-    # summary.json keys are label values ('1') or regions ('(1, 2)'); the table shows dataset.json's names
-    names = {str(tuple(v) if isinstance(v, list) else v): name for name, v in labels.items()}
-    per_class = {names.get(k, k): v["Dice"] for k, v in summary["mean"].items()}
-    hd95 = [v["HD95"] for v in summary["mean"].values() if "HD95" in v]
-    return per_class, summary["foreground_mean"]["Dice"], (float(np.mean(hd95)) if hd95 else None)
-
-
-def collect_models(results_dataset_folder: Path) -> list[dict]:
-    """Every trained fold in `$nnUNet_results/<dataset>` with nnU-Net's own validation summary."""
-    rows = []
-    for model in sorted(p for p in results_dataset_folder.iterdir() if p.is_dir() and p.name.count("__") == 2):
-        trainer, plans, configuration = model.name.split("__")
-        for fold in sorted(model.glob("fold_*")):
-            summary, checkpoint = fold / "validation" / "summary.json", fold / "checkpoint_final.pth"
-            if not (summary.is_file() and checkpoint.is_file()):
-                continue
-            labels = json.loads((model / "dataset.json").read_text())["labels"]
-            per_class, mean, hd95 = _summary_dice(json.loads(summary.read_text()), labels)
-            settings = fold / SETTINGS_FILE
-            rows.append({"model": model, "trainer": trainer, "plans": plans, "configuration": configuration,
-                         "fold": fold.name.removeprefix("fold_"), "dice": per_class, "mean_dice": mean,
-                         "hd95": hd95,
-                         "parameters": count_weights(load_checkpoint(checkpoint)["network_weights"]),
-                         "kd": json.loads(settings.read_text()) if settings.is_file() else None})
-    return rows
-
-
-def _format_gap(row: dict) -> str:
-    if row["kd"] is None:
-        return ""
-    gap = row["gap_closed"]
-    return f"{gap:.0%}" if gap is not None and math.isfinite(gap) else "n/a"
-
-
-def _gap_closed(row: dict, rows: list[dict]) -> float | None:
-    """(KD − plain student) / (teacher − plain student), on mean validation Dice of the same fold.
-
-    The plain student is like with like: the same plans, configuration, fold and named schedule (`_demo`, ...), trained
-    by nnUNetTrainerStudent (or the stock trainer) of that schedule; None where there is no such run.
-    """
-    if row["kd"] is None:
-        return None
-    teacher_folder = Path(row["kd"]["teacher"]["model_folder"]).name
-    teacher = [r for r in rows if r["model"].name == teacher_folder and r["fold"] == row["fold"]]
-    schedule = split_schedule(row["trainer"])[1]
-    plain = [r for r in rows if r["kd"] is None and r["plans"] == row["plans"] and r["fold"] == row["fold"]
-             and r["configuration"] == row["configuration"]
-             and split_schedule(r["trainer"]) in (("nnUNetTrainerStudent", schedule), ("nnUNetTrainer", schedule))]
-    if not teacher or not plain:
-        return None
-    plain.sort(key=lambda r: not r["trainer"].startswith("nnUNetTrainerStudent"))
-    gap = teacher[0]["mean_dice"] - plain[0]["mean_dice"]
-    return (row["mean_dice"] - plain[0]["mean_dice"]) / gap if gap > 0 else None
-
-
-def report(results_dataset_folder: Path, device: str = "cpu", time_cases: int = 2) -> str:
-    """One Markdown table for a dataset: size, FLOPs, Dice per class (nnU-Net's validation summary.json), HD95 if
-    computed, CPU seconds per case on that fold's validation cases, and the share of the Dice gap that KD closed."""
-    rows = collect_models(results_dataset_folder)
-    if not rows:
-        raise KDConfigurationError(f"No trained model with a validation summary.json in {results_dataset_folder}.")
-    torch_device = torch.device(device)
-    for row in rows:
-        predictor = load_predictor(str(row["model"]), (row["fold"] if row["fold"] == "all" else int(row["fold"]),),
-                                    torch_device)
-        costs = network_costs([predictor], validation_cases(row["model"], row["fold"], predictor, time_cases),
-                              torch_device)[0]
-        row["flops"], row["seconds_per_case"] = costs["flops_per_patch"], costs["seconds_per_case"]
-    for row in rows:
-        row["gap_closed"] = _gap_closed(row, rows)
-    classes = list(rows[0]["dice"])
-    header = ["trainer", "plans", "config", "fold", "params", "GFLOPs/patch", *[f"Dice {c}" for c in classes],
-              "mean Dice", "HD95", f"{device} s/case", "KD gap closed"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [row["trainer"], row["plans"], row["configuration"], row["fold"], f"{row['parameters']:,}",
-                 f"{row['flops'] / 1e9:.2f}" if row["flops"] is not None else "n/a",
-                 *[f"{row['dice'][c]:.4f}" for c in classes], f"{row['mean_dice']:.4f}",
-                 f"{row['hd95']:.2f}" if row["hd95"] is not None else "n/a",
-                 f"{row['seconds_per_case']:.2f}" if row["seconds_per_case"] is not None else "n/a",
-                 _format_gap(row)]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Dice: nnU-Net's final validation of each model's fold (summary.json). KD gap closed: (KD − plain "
-              "student) / (teacher − plain student) in mean validation Dice, against nnUNetTrainerStudent (or the "
-              "stock trainer) with the same plans, fold and named schedule; n/a where there is no such run or no gap. "
-              "One run each: for KD's effect beyond seed noise use `nnunet_kd study`."]
     return "\n".join(lines)
 
 

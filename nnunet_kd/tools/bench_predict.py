@@ -32,6 +32,7 @@ from nnunet_kd.core.settings import KDConfigurationError
 from nnunet_kd.deploy.export import MANIFEST_FILE
 from nnunet_kd.deploy.runtimes import default_runtime
 from nnunet_kd.tools import command_environment
+from nnunet_kd.tools.results import read_summary
 
 DEFAULT_VARIANTS = ("", "--disable_tta")
 
@@ -164,9 +165,9 @@ def _mean_dice(predictions: Path, labels: Path, model: str | Path) -> float:
     classes = label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels
     reader = determine_reader_writer_from_dataset_json(dataset_json, next(predictions.glob(
         f"*{dataset_json['file_ending']}")))()
-    metrics = compute_metrics_on_folder(str(labels), str(predictions), str(predictions / "summary.json"), reader,
-                                        dataset_json["file_ending"], classes, None, num_processes=1)
-    return float(metrics["foreground_mean"]["Dice"])
+    compute_metrics_on_folder(str(labels), str(predictions), str(predictions / "summary.json"), reader,
+                              dataset_json["file_ending"], classes, None, num_processes=1)
+    return read_summary(predictions / "summary.json", dataset_json["labels"]).foreground_mean
 
 
 def bench_predict(models: Sequence[str | Path], images: str | Path, variants: Sequence[str] = DEFAULT_VARIANTS,

@@ -19,6 +19,7 @@ from nnunet_kd.core.settings import TRAINERS_FOLDER
 from nnunet_kd.data.synthetic import LABELS, SyntheticSpec, write_dataset
 from nnunet_kd.tools import command_environment
 from nnunet_kd.tools.bench import bench_infer
+from nnunet_kd.tools.results import CaseScores, read_summary
 
 DATASET_ID = 900
 DATASET = f"Dataset{DATASET_ID}_KDSynthetic"
@@ -76,21 +77,15 @@ def _parameters(model_folder: Path) -> int:
     return count_weights(load_checkpoint(model_folder / "fold_0" / "checkpoint_final.pth")["network_weights"])
 
 
-def _evaluate(predictions: Path, labels: Path) -> dict:
+def _evaluate(predictions: Path, labels: Path) -> CaseScores:
+    """nnU-Net's evaluation of the predictions (its summary.json), read as every report here reads it."""
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
     foreground = [v for v in LABELS.values() if v > 0]
-    return compute_metrics_on_folder(str(labels), str(predictions), str(predictions / "summary.json"), SimpleITKIO(),
-                                     ".nii.gz", foreground, None, num_processes=2)
-
-
-def _case_mean_dice(metrics: dict) -> list[float]:
-    """Mean foreground Dice of each case, in case order (nnU-Net's evaluation lists cases in the same order)."""
-    import numpy as np
-
-    cases = sorted(metrics["metric_per_case"], key=lambda c: c["reference_file"])
-    return [float(np.nanmean([m["Dice"] for m in case["metrics"].values()])) for case in cases]
+    compute_metrics_on_folder(str(labels), str(predictions), str(predictions / "summary.json"), SimpleITKIO(),
+                              ".nii.gz", foreground, None, num_processes=2)
+    return read_summary(predictions / "summary.json", LABELS)
 
 
 def run_demo(workdir: Path, device: str = "cpu", fresh: bool = False) -> list[dict]:
@@ -138,13 +133,12 @@ def run_demo(workdir: Path, device: str = "cpu", fresh: bool = False) -> list[di
         _run(["nnUNetv2_predict", "-i", str(images), "-o", str(out), "-d", str(DATASET_ID), "-c", CONFIGURATION,
               "-f", "0", "-tr", model.trainer, "-p", model.plans, "-device", device, "-npp", "1", "-nps", "1"],
              env, workdir / "logs" / f"predict_{model.folder_name}.log")
-        metrics = _evaluate(out, raw / "labelsTs")
+        scores = _evaluate(out, raw / "labelsTs")
         rows.append({
             "model": model.title, "trainer": model.trainer, "plans": model.plans,
             "parameters": _parameters(results / model.folder_name),
-            "dice": {name: metrics["mean"][value]["Dice"] for name, value in LABELS.items() if value > 0},
-            "mean_dice": metrics["foreground_mean"]["Dice"],
-            "case_mean_dice": _case_mean_dice(metrics),
+            "dice": scores.class_means, "mean_dice": scores.foreground_mean,
+            "case_mean_dice": [float(d) for d in scores.mean_per_case],
         })
     _log(f"timing the models' inference on {len(test_cases)} held-out cases, side by side")
     timed = bench_infer([str(results / m.folder_name) for m in models], test_cases, device, memory=False)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_kd.core.settings import KDConfigurationError
+from nnunet_kd.tools.results import CaseScores, read_summary
 from nnunet_kd.tools.study import (
     PAIRING_FIELDS,
     STUDY_FILE,
@@ -28,34 +29,6 @@ from nnunet_kd.tools.study_stats import PairedComparison, compare, few_seeds_not
 SPLITS = {"validation": "validation (fold {fold})", "test": "test set"}
 # the tables of a published study, as recomputed from its per-case Dice
 TABLES_FILE = "tables.md"
-
-
-@dataclass
-class CaseScores:
-    """Dice per case and class of one model on one split; `classes` are dataset.json's label names."""
-
-    cases: list[str]
-    classes: list[str]
-    dice: np.ndarray  # cases x classes
-
-    @property
-    def mean_per_case(self) -> np.ndarray:
-        with np.errstate(all="ignore"):
-            return np.nanmean(self.dice, axis=1)
-
-
-def read_summary(path: Path, labels: dict) -> CaseScores:
-    """nnU-Net's summary.json as a cases x classes Dice matrix, cases sorted by name."""
-    summary = json.loads(path.read_text())
-    names = {str(tuple(v) if isinstance(v, list) else v): name for name, v in labels.items()}
-    keys = list(summary["mean"])
-    rows = []
-    for entry in summary["metric_per_case"]:
-        case = Path(entry["reference_file"]).name.split(".")[0]
-        rows.append((case, [entry["metrics"][k]["Dice"] for k in keys]))
-    rows.sort()
-    return CaseScores([c for c, _ in rows], [names.get(k, k) for k in keys],
-                      np.array([d for _, d in rows], dtype=float).reshape(len(rows), len(keys)))
 
 
 @dataclass
