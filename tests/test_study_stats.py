@@ -152,10 +152,14 @@ def test_demo_gives_one_seed_no_interval_and_points_to_the_study():
     assert "CI" not in note and "no interval" in note and "nnunet_kd study" in note
 
 
-def test_demo_reads_per_case_mean_dice_from_nnunet_metrics():
-    from nnunet_kd.tools.demo import _case_mean_dice
+def test_per_case_mean_dice_is_read_from_nnunets_summary(tmp_path):
+    import json
 
-    metrics = {"metric_per_case": [
+    from nnunet_kd.tools.results import read_summary
+
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps({"mean": {"1": {"Dice": 0.35}, "2": {"Dice": 0.4}}, "metric_per_case": [
         {"reference_file": "/l/case_2.nii.gz", "metrics": {"1": {"Dice": 0.5}, "2": {"Dice": float("nan")}}},
-        {"reference_file": "/l/case_1.nii.gz", "metrics": {"1": {"Dice": 0.2}, "2": {"Dice": 0.4}}}]}
-    assert _case_mean_dice(metrics) == pytest.approx([0.3, 0.5])  # sorted by case; NaN (nothing to find) left out
+        {"reference_file": "/l/case_1.nii.gz", "metrics": {"1": {"Dice": 0.2}, "2": {"Dice": 0.4}}}]}))
+    scores = read_summary(path, {"background": 0, "a": 1, "b": 2})
+    assert scores.mean_per_case == pytest.approx([0.3, 0.5])  # sorted by case; NaN (nothing to find) left out

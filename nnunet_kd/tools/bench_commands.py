@@ -83,7 +83,7 @@ def bench_targets_command(args: argparse.Namespace) -> None:
 def report_command(args: argparse.Namespace) -> None:
     from nnunetv2.paths import nnUNet_results
 
-    from nnunet_kd.tools.bench import report
+    from nnunet_kd.tools.results import report
 
     use_demo_workspace_if_unset(args.workdir)
     if not nnUNet_results.is_set():
