@@ -27,8 +27,8 @@ from nnunet_kd.core.settings import (
     ENV_TEACHER,
     ENV_TEACHER_TARGETS,
     ENV_VAL_ITERATIONS_PER_EPOCH,
-    TRAINERS_FOLDER,
     KDConfigurationError,
+    ensure_ext_trainer,
 )
 from nnunet_kd.tools import command_environment
 
@@ -308,17 +308,13 @@ def _find_trainer_class(name: str) -> type:
     """A trainer class as `nnUNetv2_train` finds it (nnU-Net's, or nnUNet_extTrainer's: this package's by default)."""
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    old = os.environ.get("nnUNet_extTrainer")
-    os.environ["nnUNet_extTrainer"] = old or str(TRAINERS_FOLDER)
+    folder = ensure_ext_trainer()
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             return recursive_find_trainer_class_by_name(name)
     except RuntimeError as e:
         raise KDConfigurationError(f"Trainer class {name} not found in nnU-Net or in nnUNet_extTrainer "
-                                   f"({os.environ['nnUNet_extTrainer']}). Check its name (and --schedule).") from e
-    finally:
-        if old is None:
-            os.environ.pop("nnUNet_extTrainer")
+                                   f"({folder}). Check its name (and --schedule).") from e
 
 
 def _format_seconds(seconds: float) -> str:
