@@ -3,11 +3,11 @@
 nnU-Net's predictor feeds its network one tile at a time. A wide teacher keeps a CPU's vector units busy even so; a
 narrow student does not: most of its time per tile goes to per-call overhead and to convolutions too thin to fill a
 vector register (measured: BENCHMARKS.md; on a GPU a small patch may likewise leave the device idle, not measured
-here). `BatchedPredictor` overrides only the
-tile loop of nnU-Net's `nnUNetPredictor`: the same tile positions (`_internal_get_sliding_window_slicers`), the same
-Gaussian weighting, the same mirroring (`_internal_maybe_mirror_and_predict`, applied to the whole batch) and the same
-half-precision accumulation in the same tile order. Only the network sees N tiles at once. Everything around the tile
-loop (preprocessing, fold averaging, resampling, export, the worker processes) is nnU-Net's code.
+here). `BatchedPredictor` overrides only the tile loop of nnU-Net's `nnUNetPredictor`: the same tile positions
+(`_internal_get_sliding_window_slicers`), the same Gaussian weighting, the same mirroring
+(`_internal_maybe_mirror_and_predict`, applied to the whole batch) and the same half-precision accumulation in the
+same tile order. Only the network sees N tiles at once. Everything around the tile loop (preprocessing, fold
+averaging, resampling, export, the worker processes) is nnU-Net's code.
 
 For services that predict many cases in one process, `load_predictor` loads a model once (a trained model folder run
 by torch, or an `nnunet_kd export` folder run by OpenVINO or ONNX Runtime) and `BatchedPredictor.predict_case` /
