@@ -83,11 +83,11 @@ class nnUNetTrainerKDGrowingAssistant(nnUNetTrainerKD):
         # slices run (the same on every rank, as it follows the epoch) and edits weights the ranks hold alike.
         self.sliced = self.ddp_wrapped(SlicedNetworks(self.master))
 
-    def prepare_distillation(self, teacher: TeacherSpec | None = None) -> None:
+    def prepare_distillation(self, teacher: TeacherSpec | None = None, targets: str | None = None) -> None:
         if self.schedule is None:  # a resumed run keeps the schedule its checkpoint holds
             self.schedule = growth_schedule(self.student_widths, self._max_widths(), self.kd_settings.stages,
                                             self.num_epochs)
-        super().prepare_distillation(teacher)
+        super().prepare_distillation(teacher, targets)
 
     def _max_widths(self) -> list[int]:
         return list(self.master.encoder.output_channels)
