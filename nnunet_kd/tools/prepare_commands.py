@@ -75,7 +75,7 @@ def prepare_command(args: argparse.Namespace) -> None:
         if args.holdout_id is None:
             raise KDConfigurationError("--holdout needs --holdout-id, the id of the dataset without the test cases.")
         source_name, number = name, args.holdout_id
-        name = f"Dataset{number:03d}_{source_name.split('_', 1)[1]}Holdout{args.holdout}"
+        name = f"Dataset{number:03d}_{_holdout_name(source_name, args.holdout)}"
         if not (raw / name / "dataset.json").is_file():
             split = write_holdout_dataset(raw / source_name, raw / name, args.holdout, args.holdout_seed)
             print(f"held out {len(split['test'])} labelled cases of {source_name}: {raw / name}/imagesTs, labelsTs")
@@ -176,12 +176,17 @@ def subset_channels_command(args: argparse.Namespace) -> None:
     print(f"wrote {subset_raw_dataset(raw / source, raw / f'Dataset{args.dataset_id:03d}_{name}', args.channels)}")
 
 
+def _holdout_name(source: str, num_test_cases: int) -> str:
+    """Dataset004_Hippocampus, 40 -> HippocampusHoldout40: the held-out dataset's name, without its id."""
+    return f"{source.split('_', 1)[1]}Holdout{num_test_cases}"
+
+
 def holdout_command(args: argparse.Namespace) -> None:
     from nnunet_kd.data.holdout import write_holdout_dataset
 
     raw = Path(_raw_folder(args.raw))
     source = dataset_name(args.dataset)
-    name = args.name or f"{source.split('_', 1)[1]}Holdout{args.test_cases}"
+    name = args.name or _holdout_name(source, args.test_cases)
     destination = raw / f"Dataset{args.dataset_id:03d}_{name}"
     split = write_holdout_dataset(raw / source, destination, args.test_cases, args.seed)
     print(f"wrote {destination}: {len(split['training'])} training cases (imagesTr), {len(split['test'])} held-out "
