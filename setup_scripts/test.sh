@@ -7,4 +7,5 @@ venv=${VIRTUAL_ENV:-$repo/.venv}
 cd "$repo"
 "$venv/bin/ruff" check .
 # pytest exits 5 when it collects no test; set -e turns that, like any failure, into a failed run
-"$venv/bin/python" -m pytest tests -v --durations=15 "$@"
+# -n auto: one worker per core, each taking whole test files (their module fixtures are built once)
+"$venv/bin/python" -m pytest tests -v --durations=15 -n auto --dist loadfile --no-loadscope-reorder "$@"
