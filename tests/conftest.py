@@ -14,8 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from nnunet_kd.data.synthetic import SyntheticSpec, write_dataset
+
+# before torch starts its OpenMP threads in this process: with two test workers on two cores, threads that wait
+# sleep instead of spinning on the core the other worker's process needs
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET_ID = 901
@@ -73,6 +78,13 @@ class Workspace:
                         "-device", "cpu", *extra, env=env)
 
 
+# The longest test files, longest first (measured on 2 cores): setup_scripts/test.sh hands whole files to its
+# workers in collection order, and starting these first lets the workers finish together. The second needs no
+# `workspace`, so that one worker builds it while the other works. Only an order: a file missing here runs after them.
+LONGEST_FILES = ("test_teacher_targets", "test_masked_modalities", "test_end_to_end", "test_export",
+                 "test_spine_end_to_end", "test_study_end_to_end", "test_barlow_twins_end_to_end", "test_ddp")
+
+
 def pytest_collection_modifyitems(config, items):
     """`e2e`: tests that drive nnU-Net's CLI on a generated dataset (they use a Workspace, or live in an
     *_end_to_end module), so that `pytest -m "not e2e"` answers in about a minute."""
@@ -81,6 +93,8 @@ def pytest_collection_modifyitems(config, items):
                              for name in getattr(item, "fixturenames", ()))
         if uses_workspace or "end_to_end" in item.module.__name__:
             item.add_marker(pytest.mark.e2e)
+    rank = {name: position for position, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: a file keeps its own order
 
 
 def _clean_environment(root: Path) -> dict:
@@ -90,9 +104,13 @@ def _clean_environment(root: Path) -> dict:
         "nnUNet_preprocessed": str(root / "preprocessed"),
         "nnUNet_results": str(root / "results"),
         "nnUNet_extTrainer": str(REPO / "trainers"),
-        # 2-core CI machine: one augmentation worker and two export workers keep process start-up cheap
+        # tiny cases on a 2-core machine that runs two test files at once: one augmentation worker (forked) and one
+        # export / evaluation worker, since every worker nnU-Net spawns imports torch and nnU-Net anew
         "nnUNet_n_proc_DA": "1",
-        "nnUNet_def_n_proc": "2",
+        "nnUNet_def_n_proc": "1",
+        # nnU-Net's CPU training takes every core, and so does the other test worker's: waiting OpenMP threads
+        # sleep instead of spinning on a core the other process needs
+        "OMP_WAIT_POLICY": "PASSIVE",
         "nnUNet_compile": "false",
         "PYTHONUNBUFFERED": "1",
         # nnU-Net's and our commands live next to this Python, also when its environment is not activated
@@ -101,22 +119,47 @@ def _clean_environment(root: Path) -> dict:
     return env
 
 
-@pytest.fixture(scope="session")
-def workspace(tmp_path_factory) -> Workspace:
-    root = tmp_path_factory.mktemp("nnunet")
+def _built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder that `build(folder)` fills once per test run: with parallel test workers (pytest-xdist) the first
+    worker that needs it builds it under a lock and the others wait for it, instead of each building its own."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the run's folder, above each worker's own
+    folder = shared / name
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".complete").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".complete").touch()
+    return folder
+
+
+def _planned_workspace_with_teacher(root: Path) -> None:
+    """The generated dataset, planned and preprocessed (3d_fullres and 2d), w0.25 student plans, and the stock
+    nnUNetTrainer (debug schedule) on folds 0 and 1, the latter for the fold-ensemble teacher."""
     ws = Workspace(root, _clean_environment(root))
     write_dataset(root / "raw", DATASET_ID, spec=SyntheticSpec(shape=(24, 32, 32), num_training=10, num_test=2,
                                                               seed=1))
-    ws.run("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "2d", "-np", "2")
+    ws.run("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "2d", "-npfp", "1", "-np", "1")
     ws.run("nnunet_kd", "student-plans", str(DATASET_ID), "-c", "3d_fullres", "2d", "--width", "0.25")
-    return ws
+    for fold in (0, 1):
+        ws.train("nnUNetTrainer_debug", fold)
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> Workspace:
+    """This test worker's own copy of the planned workspace and its teacher: tests add models to it."""
+    built = _built_once(tmp_path_factory, "nnunet_built", _planned_workspace_with_teacher)
+    root = tmp_path_factory.mktemp("nnunet")
+    for part in ("raw", "preprocessed", "results"):
+        shutil.copytree(built / part, root / part)
+    return Workspace(root, _clean_environment(root))
 
 
 @pytest.fixture(scope="session")
 def teacher_3d(workspace) -> Path:
     """The stock nnUNetTrainer (debug schedule) on folds 0 and 1, the latter for the fold-ensemble teacher."""
-    for fold in (0, 1):
-        workspace.train("nnUNetTrainer_debug", fold)
     return workspace.model_folder("nnUNetTrainer_debug", "nnUNetPlans")
 
 
