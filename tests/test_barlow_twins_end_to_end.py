@@ -37,7 +37,7 @@ def bt_workspace(tmp_path_factory) -> Workspace:
     ws = Workspace(root, _clean_environment(root))
     write_multimodal_dataset(root / "raw", DATASET_ID, spec=SyntheticSpec(shape=(24, 32, 32), num_training=8,
                                                                          num_test=1, seed=2))
-    ws.run("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2")
+    ws.run("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-npfp", "1", "-np", "1")
     # the student's inputs: the test images with FLAIR and T1CE only, as _0000 and _0001
     ws.run("nnunet_kd", "subset-channels", str(DATASET_ID), "--channels", "FLAIR,T1CE", "--dataset-id",
            str(SUBSET_ID))
@@ -190,8 +190,10 @@ def test_barlow_twins_gradient_reaches_the_teacher_only_when_set(bt_workspace, m
         assert all(g.abs().sum() > 0 for g in torch.autograd.grad(bt, projector))
 
 
-def _predict_args(images: Path, out: Path) -> tuple[str, ...]:
-    return ("-i", str(images), "-o", str(out), "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta", "-f", "0")
+def _predict_args(images: Path, out: Path, processes: int = 0) -> tuple[str, ...]:
+    """nnUNetv2_predict runs without worker processes with -npp 0 -nps 0; nnUNetv2_predict_from_modelfolder needs 1."""
+    return ("-i", str(images), "-o", str(out), "-device", "cpu", "-npp", str(processes), "-nps", str(processes),
+            "--disable_tta", "-f", "0")
 
 
 def test_exported_student_predicts_from_its_two_channels(bt_workspace, resumed, tmp_path):
@@ -225,7 +227,7 @@ def test_full_channel_inputs_fail_instead_of_predicting(bt_workspace, resumed, t
 def test_saved_teacher_predicts_from_all_channels(bt_workspace, resumed, tmp_path):
     out = tmp_path / "teacher"
     bt_workspace.run("nnUNetv2_predict_from_modelfolder", "-m", str(_model(bt_workspace) / "teacher"),
-                     *_predict_args(bt_workspace.root / "raw" / DATASET / "imagesTs", out))
+                     *_predict_args(bt_workspace.root / "raw" / DATASET / "imagesTs", out, processes=1))
     assert (out / "case_008.nii.gz").is_file()
 
 

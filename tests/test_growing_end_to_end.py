@@ -124,7 +124,7 @@ def test_checkpoint_holds_the_compact_student_and_stock_predict_runs_it(workspac
     out = tmp_path / "predictions"
     workspace.run("nnUNetv2_predict", "-i", str(workspace.raw / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID),
                   "-c", "3d_fullres", "-f", "0", "-tr", TRAINER, "-p", STUDENT_PLANS, "-device", "cpu",
-                  "-npp", "1", "-nps", "1", env={"nnUNet_results": str(results)})
+                  "-npp", "0", "-nps", "0", env={"nnUNet_results": str(results)})
     predictions = sorted(out.glob("*.nii.gz"))
     assert len(predictions) == len(list((workspace.raw / "imagesTs").glob("*_0000.nii.gz"))) > 0
     assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(predictions[0]))))) <= {0, 1, 2, 3}

@@ -26,7 +26,7 @@ def masked_workspace(tmp_path_factory) -> Workspace:
     # normalises every (z-scored) channel inside the mask
     write_multimodal_dataset(root / "raw", DATASET_ID, "KDSyntheticMasked",
                              SyntheticSpec(shape=(16, 24, 24), num_training=6, num_test=0, seed=3), zero_border=6)
-    ws.run("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2")
+    ws.run("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-npfp", "1", "-np", "1")
     return ws
 
 
@@ -119,8 +119,8 @@ def test_fewer_channel_student_trains_resumes_and_predicts_from_its_own_files(
                         inputs / f"{case}_{new:04d}.nii.gz")
     out = tmp_path / "predictions"
     masked_workspace.run("nnUNetv2_predict", "-i", str(inputs), "-o", str(out), "-d", str(DATASET_ID), "-c",
-                         "3d_fullres", "-f", "0", "-tr", trainer, "-device", "cpu", "--disable_tta", "-npp", "1",
-                         "-nps", "1", env={"nnUNet_results": str(results)})
+                         "3d_fullres", "-f", "0", "-tr", trainer, "-device", "cpu", "--disable_tta", "-npp", "0",
+                         "-nps", "0", env={"nnUNet_results": str(results)})
     assert sorted(p.name for p in out.glob("*.nii.gz")) == ["case_000.nii.gz", "case_001.nii.gz"]
 
 

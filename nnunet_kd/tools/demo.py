@@ -103,8 +103,8 @@ def run_demo(workdir: Path, device: str = "cpu", fresh: bool = False) -> list[di
         write_dataset(workdir / "raw", DATASET_ID, spec=DEMO_SPEC)
     preprocessed = workdir / "preprocessed" / DATASET
     if not (preprocessed / "nnUNetPlans.json").is_file():
-        _run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", CONFIGURATION, "-np", "2"], env,
-             workdir / "logs" / "plan_and_preprocess.log")
+        _run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", CONFIGURATION, "-npfp", "2", "-np", "2"],
+             env, workdir / "logs" / "plan_and_preprocess.log")
     _run(["nnunet_kd", "student-plans", str(DATASET_ID), "-c", CONFIGURATION, "--width", str(STUDENT_WIDTH)], env,
          workdir / "logs" / "student_plans.log")
     print((workdir / "logs" / "student_plans.log").read_text(), flush=True)

@@ -85,7 +85,7 @@ def prepare_command(args: argparse.Namespace) -> None:
         preprocessed.mkdir(parents=True, exist_ok=True)
         log = preprocessed / "plan_and_preprocess.log"
         _run(["nnUNetv2_plan_and_preprocess", "-d", str(number), "-c", *missing, "--verify_dataset_integrity",
-              "-np", str(args.processes)], log)
+              "-npfp", str(args.processes), "-np", str(args.processes)], log)
     folder, plans = read_plans(str(number), "nnUNetPlans")
     if args.batch_size:
         plans = with_batch_size(plans, args.configurations, args.batch_size)
@@ -251,7 +251,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="a plans variant with this batch (e.g. 32 for 2d on a CPU); the students derive from it")
     p.add_argument("--widths", type=float, nargs="+", default=None, metavar="W",
                    help="student plans at these widths (e.g. 0.25 0.125)")
-    p.add_argument("-np", "--processes", type=int, default=2, help="preprocessing processes (default: 2)")
+    p.add_argument("-np", "--processes", type=int, default=2,
+                   help="fingerprint and preprocessing processes (default: 2; nnU-Net's default: 8 for the "
+                        "fingerprint)")
     p.set_defaults(func=prepare_command)
 
     p = sub.add_parser("student-plans", help="write compact student plans derived from existing nnU-Net plans")
