@@ -17,9 +17,9 @@ def spine(tmp_path_factory) -> Workspace:
     ws = Workspace(root, _clean_environment(root))
     (root / "raw").mkdir()
     ws.run("nnunet_kd", "spine", "generate", str(root / "verse"), "-n", "5", "--seed", "3")
-    ws.run("nnunet_kd", "spine", "convert", str(root / "verse"), "--id", "511", "--stage2-spacing", "2",
+    ws.run("nnunet_kd", "spine", "convert", str(root / "verse"), "--id", "511", "--stage2-spacing", "4",
            "--folds", "5")
-    ws.run("nnUNetv2_plan_and_preprocess", "-d", "511", "512", "513", "-c", "3d_fullres", "-np", "2")
+    ws.run("nnUNetv2_plan_and_preprocess", "-d", "511", "512", "513", "-c", "3d_fullres", "-npfp", "1", "-np", "1")
     for dataset in ("511", "512", "513"):
         ws.run("nnUNetv2_train", dataset, "3d_fullres", "0", "-tr", "nnUNetTrainer_debug", "-device", "cpu")
     ws.run("nnunet_kd", "student-plans", "512", "-c", "3d_fullres", "--width", "0.25")
@@ -40,7 +40,7 @@ def test_stage2_folds_keep_each_scan_together(spine):
         scans_val = {name.split("_v")[0].split("_end")[0] for name in split["val"]}
         assert not scans_train & scans_val
     stage2_json = json.loads((_model(spine, STAGE2) / "dataset.json").read_text())
-    assert stage2_json["spine_stage2"] == {"spacing": 2.0, "patch_mm": 96.0, "margin_mm": 8.0}
+    assert stage2_json["spine_stage2"] == {"spacing": 4.0, "patch_mm": 96.0, "margin_mm": 8.0}
 
 
 def test_one_command_from_cts_to_numbered_vertebrae_with_a_kd_student(spine):
@@ -72,7 +72,7 @@ def test_the_one_shot_baseline_is_scored_the_same_way(spine):
         (images / ct.name.replace("_ct.nii.gz", "_0000.nii.gz")).symlink_to(ct)
     out = spine.root / "baseline_out"
     spine.run("nnUNetv2_predict", "-i", str(images), "-o", str(out), "-d", "513", "-c", "3d_fullres", "-f", "0",
-              "-tr", "nnUNetTrainer_debug", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1")
+              "-tr", "nnUNetTrainer_debug", "-device", "cpu", "--disable_tta", "-npp", "0", "-nps", "0")
     scores = spine.run("nnunet_kd", "spine", "evaluate", str(out), str(spine.root / "verse"))
     assert "detection rate" in scores.stdout
 
