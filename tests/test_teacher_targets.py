@@ -330,7 +330,7 @@ def test_stock_predict_of_a_student_trained_from_stored_targets(workspace, kd_fr
     out = tmp_path / "predictions"
     workspace.run("nnUNetv2_predict", "-i", str(workspace.raw / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID),
                   "-c", "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerKDLogits_debug", "-p", STUDENT_PLANS,
-                  "-device", "cpu", "-npp", "1", "-nps", "1", env={"nnUNet_results": str(kd_from_targets)})
+                  "-device", "cpu", "-npp", "0", "-nps", "0", env={"nnUNet_results": str(kd_from_targets)})
     assert len(list(out.glob("*.nii.gz"))) == len(list((workspace.raw / "imagesTs").glob("*_0000.nii.gz")))
 
 
@@ -457,22 +457,31 @@ def test_bench_targets_compares_top_k_with_dense_on_disk_loader_and_kd_loss(work
     assert "less disk" in result.stdout and sorted(targets_3d.parent.iterdir()) == stored_before
 
 
+def _study(workspace, teacher_3d, output, *extra: str, check: bool = True):
+    """One seed of the plain student and of KDLogits on the test set, 1 epoch of 2 iterations."""
+    return workspace.run(
+        "nnunet_kd", "study", str(DATASET_ID), "-c", "3d_fullres", "-p", STUDENT_PLANS, "--teacher",
+        teacher_3d.name, "--trainers", "nnUNetTrainerStudent", "nnUNetTrainerKDLogits", "--seeds", "0",
+        "--epochs", "1", "--iterations", "2", "--val-iterations", "1", "--device", "cpu", "--time-cases", "0",
+        "--test-images", str(workspace.raw / "imagesTs"), "--test-labels", str(workspace.raw / "labelsTs"),
+        *extra, "-o", str(output), check=check)
+
+
+@pytest.fixture(scope="module")
+def stored_target_study(workspace, teacher_3d, targets_3d, tmp_path_factory) -> Path:
+    """The study with KDLogits from the stored targets; the studies below take its plain run (--baseline-from)."""
+    study = tmp_path_factory.mktemp("stored_target_study")
+    _study(workspace, teacher_3d, study, "--teacher-targets", targets_3d.name)
+    return study
+
+
 def test_study_runs_kd_trainers_from_stored_targets_and_compares_with_online_kd(workspace, teacher_3d, targets_3d,
-                                                                                   tmp_path):
-    def study(output, *extra: str, check: bool = True):
-        return workspace.run(
-            "nnunet_kd", "study", str(DATASET_ID), "-c", "3d_fullres", "-p", STUDENT_PLANS, "--teacher",
-            teacher_3d.name, "--trainers", "nnUNetTrainerStudent", "nnUNetTrainerKDLogits", "--seeds", "0",
-            "--epochs", "1", "--iterations", "2", "--val-iterations", "1", "--device", "cpu", "--time-cases", "0",
-            "--test-images", str(workspace.raw / "imagesTs"), "--test-labels", str(workspace.raw / "labelsTs"),
-            *extra, "-o", str(output), check=check)
-
-    stored, online = tmp_path / "stored", tmp_path / "online"
-    refused = study(stored, "--teacher-targets", "no_such_targets", check=False)
+                                                                                   stored_target_study, tmp_path):
+    refused = _study(workspace, teacher_3d, tmp_path / "refused", "--teacher-targets", "no_such_targets", check=False)
     assert refused.returncode == 2 and "no stored teacher targets there" in refused.stderr
-    assert not (stored / "runs").exists()
+    assert not (tmp_path / "refused" / "runs").exists()
 
-    study(stored, "--teacher-targets", targets_3d.name)
+    stored, online = stored_target_study, tmp_path / "online"
     runs = Path("runs") / "seed_0" / workspace.results.name
     record = json.loads((stored / runs / f"nnUNetTrainerKDLogits__{STUDENT_PLANS}__3d_fullres" / "fold_0" /
                          "kd_settings.json").read_text())
@@ -480,7 +489,7 @@ def test_study_runs_kd_trainers_from_stored_targets_and_compares_with_online_kd(
     assert "learn from the stored teacher targets" in (stored / "report.md").read_text()
 
     # the online twin reuses the plain run and its test predictions (the same run: no teacher in it); trains online KD
-    twin = study(online, "--baseline-from", str(stored))
+    twin = _study(workspace, teacher_3d, online, "--baseline-from", str(stored))
     assert "baseline runs of seeds [0] copied from" in twin.stdout
     assert "seed 0, nnUNetTrainerStudent: done" in twin.stdout and "nnUNetTrainerStudent: training" not in twin.stdout
     checkpoint = runs / f"nnUNetTrainerStudent__{STUDENT_PLANS}__3d_fullres" / "fold_0" / "checkpoint_final.pth"
@@ -498,21 +507,20 @@ def test_study_runs_kd_trainers_from_stored_targets_and_compares_with_online_kd(
     assert mismatch.returncode == 2 and "not a study folder" in mismatch.stderr
 
     # another schedule's plain runs are other runs: refused, and the new study folder is not even made
-    other_schedule = study(tmp_path / "longer", "--epochs", "3", "--baseline-from", str(stored), check=False)
+    other_schedule = _study(workspace, teacher_3d, tmp_path / "longer", "--epochs", "3", "--baseline-from",
+                            str(stored), check=False)
     assert other_schedule.returncode == 2 and "num_epochs: 1 there, 3 here" in other_schedule.stderr
     assert not (tmp_path / "longer").exists()
 
 
 def test_study_tests_the_teacher_as_its_targets_store_it_an_ensemble_without_mirroring(workspace, teacher_3d,
+                                                                                         stored_target_study,
                                                                                          tmp_path):
     workspace.run("nnunet_kd", "teacher-targets", str(DATASET_ID), "-c", "3d_fullres", "--teacher", TEACHER_NAME,
                   "-f", "0", "1", "--disable_tta", "-device", "cpu")
     study = tmp_path / "study"
-    workspace.run("nnunet_kd", "study", str(DATASET_ID), "-c", "3d_fullres", "-p", STUDENT_PLANS, "--teacher",
-                  teacher_3d.name, "--trainers", "nnUNetTrainerStudent", "nnUNetTrainerKDLogits", "--seeds", "0",
-                  "--epochs", "1", "--iterations", "2", "--val-iterations", "1", "--device", "cpu", "--time-cases",
-                  "0", "--teacher-targets", f"{TEACHER_NAME}__f0-1__nomirror", "--test-images",
-                  str(workspace.raw / "imagesTs"), "--test-labels", str(workspace.raw / "labelsTs"), "-o", str(study))
+    _study(workspace, teacher_3d, study, "--teacher-targets", f"{TEACHER_NAME}__f0-1__nomirror",
+           "--baseline-from", str(stored_target_study))
     teacher = study / "predictions" / "teacher"
     assert json.loads((teacher / "teacher.json").read_text()) == {"folds": [0, 1], "mirroring": False}
     assert "folds 0, 1 (ensemble), without mirroring" in (study / "report.md").read_text()
@@ -520,7 +528,7 @@ def test_study_tests_the_teacher_as_its_targets_store_it_an_ensemble_without_mir
     expected = tmp_path / "expected"
     workspace.run("nnUNetv2_predict", "-i", str(workspace.raw / "imagesTs"), "-o", str(expected), "-d",
                   str(DATASET_ID), "-c", "3d_fullres", "-f", "0", "1", "-tr", "nnUNetTrainer_debug", "-device", "cpu",
-                  "--disable_tta")
+                  "--disable_tta", "-npp", "0", "-nps", "0")
     for case in sorted(expected.glob("*.nii.gz")):
         assert (teacher / case.name).read_bytes() == case.read_bytes()
 
