@@ -11,12 +11,13 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import DATASET, DATASET_ID, STUDENT_PLANS, copy_model_folder, edit_json
+from conftest import DATASET_ID, STUDENT_PLANS, copy_model_folder, edit_json
 
 from nnunet_kd.core.checkpoints import count_weights
 from nnunet_kd.core.checkpoints import load_checkpoint as _checkpoint
@@ -67,7 +68,7 @@ def test_stock_predict_rebuilds_the_student_without_the_teacher(workspace, kd_st
     out = tmp_path / "predictions"
     workspace.run("nnUNetv2_predict", "-i", str(workspace.raw / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID),
                   "-c", "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerKDLogits_debug", "-p", STUDENT_PLANS,
-                  "-device", "cpu", "-npp", "1", "-nps", "1", env={"nnUNet_results": str(results)})
+                  "-device", "cpu", "-npp", "0", "-nps", "0", env={"nnUNet_results": str(results)})
     cases = sorted(p.name for p in (workspace.raw / "imagesTs").glob("*_0000.nii.gz"))
     assert cases
     for case in cases:
@@ -129,23 +130,36 @@ def test_interrupted_training_resumes_exactly_with_c(workspace, teacher_3d):
     assert re.search(r": Epoch 1\s*$", text, re.M) and not re.search(r": Epoch 0\s*$", text, re.M)
 
 
-def test_fold_ensemble_teacher(workspace, teacher_3d):
-    workspace.train("nnUNetTrainerKDLogits_debug", 2, STUDENT_PLANS,
+@pytest.fixture(scope="module")
+def class_affinity_from_fold_ensemble(workspace, teacher_3d) -> Path:
+    """Class-affinity KD on fold 2, taught by the ensemble of the teacher's folds 0 and 1 (one run for two tests)."""
+    workspace.train("nnUNetTrainerKDClassAffinity_debug", 2, STUDENT_PLANS,
                     env={"nnUNet_KD_teacher": teacher_3d.name, "nnUNet_KD_teacher_folds": "0,1"})
-    fold = workspace.model_folder("nnUNetTrainerKDLogits_debug", STUDENT_PLANS) / "fold_2"
+    return workspace.model_folder("nnUNetTrainerKDClassAffinity_debug", STUDENT_PLANS) / "fold_2"
+
+
+def test_fold_ensemble_teacher(class_affinity_from_fold_ensemble):
+    fold = class_affinity_from_fold_ensemble
     recorded = json.loads((fold / "kd_settings.json").read_text())["teacher"]
     assert recorded["folds"] == [0, 1] and len(set(recorded["checkpoint_sha256"])) == 2
     assert (fold / "checkpoint_final.pth").is_file()
 
 
-def test_kd_student_teaches_a_smaller_student_with_other_plans(workspace, kd_student_3d):
-    # the teacher here has other plans (w0.25) than the student (w0.125): the teacher -> assistant -> student chain
+SMALLER_PLANS = "nnUNetPlans_KDStudent_w0.125_s3"
+
+
+@pytest.fixture(scope="module")
+def smaller_student(workspace, kd_student_3d) -> Path:
+    """A w0.125, 3-stage KDLogits student taught by the w0.25 KD student (other plans than its own: the teacher ->
+    assistant -> student chain), with nnUNet_compile set as many users have it (one run for two tests)."""
     workspace.run("nnunet_kd", "student-plans", str(DATASET_ID), "--width", "0.125", "--stages", "3")
-    plans = "nnUNetPlans_KDStudent_w0.125_s3"
-    workspace.train("nnUNetTrainerKDLogits_debug", 0, plans,
-                    env={"nnUNet_KD_teacher": str(kd_student_3d), "nnUNet_KD_scales": "all"})
-    fold = workspace.model_folder("nnUNetTrainerKDLogits_debug", plans) / "fold_0"
-    recorded = json.loads((fold / "kd_settings.json").read_text())
+    workspace.train("nnUNetTrainerKDLogits_debug", 0, SMALLER_PLANS,
+                    env={"nnUNet_KD_teacher": str(kd_student_3d), "nnUNet_KD_scales": "all", "nnUNet_compile": "t"})
+    return workspace.model_folder("nnUNetTrainerKDLogits_debug", SMALLER_PLANS) / "fold_0"
+
+
+def test_kd_student_teaches_a_smaller_student_with_other_plans(smaller_student):
+    recorded = json.loads((smaller_student / "kd_settings.json").read_text())
     assert recorded["teacher"]["plans"] == STUDENT_PLANS and recorded["teacher"]["trainer"] == \
         "nnUNetTrainerKDLogits_debug"
     assert recorded["settings"]["scales"] == "all"
@@ -281,21 +295,17 @@ def test_teacher_loads_with_nnunet_compile_set(workspace, teacher_3d, monkeypatc
         assert torch.equal(compiled(x), plain(x))
 
 
-def test_students_predict_and_train_with_nnunet_compile_set(workspace, teacher_3d, kd_student_3d, tmp_path):
+def test_students_predict_and_train_with_nnunet_compile_set(workspace, kd_student_3d, smaller_student, tmp_path):
     """nnU-Net compiles by default on a GPU and many users export nnUNet_compile=t: stock prediction compiles the
     student even on the CPU, and training (which nnU-Net never compiles on the CPU) loads the teacher through nnU-Net's
     predictor, which compiles it."""
-    compile_env = {"nnUNet_compile": "t"}
     out = tmp_path / "predictions"
     workspace.run("nnUNetv2_predict", "-i", str(workspace.raw / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID),
                   "-c", "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerKDLogits_debug", "-p", STUDENT_PLANS,
-                  "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1", env=compile_env)
+                  "-device", "cpu", "--disable_tta", "-npp", "0", "-nps", "0", env={"nnUNet_compile": "t"})
     assert len(list(out.glob("*.nii.gz"))) == len(list((workspace.raw / "imagesTs").glob("*_0000.nii.gz")))
-    # a KD student taught by the KD student (oneDNN convolutions in the teacher too), in a results folder of its own
-    results = tmp_path / "results"
-    workspace.train("nnUNetTrainerKDLogits_debug", 0, STUDENT_PLANS,
-                    env={**compile_env, "nnUNet_results": str(results), "nnUNet_KD_teacher": str(kd_student_3d)})
-    assert (results / DATASET / kd_student_3d.name / "fold_0" / "checkpoint_final.pth").is_file()
+    # the smaller student trained with nnUNet_compile=t, taught by the KD student (oneDNN convolutions in the teacher)
+    assert (smaller_student / "checkpoint_final.pth").is_file()
 
 
 def test_resume_refuses_a_changed_teacher(workspace, teacher_3d, kd_student_3d, tmp_path, monkeypatch):
@@ -357,18 +367,15 @@ def test_lcovnet_student_trained_with_stock_trainer_and_with_multiscale_kd(works
     shutil.copytree(model, results / model.parent.name / model.name)  # the student alone
     workspace.run("nnUNetv2_predict", "-i", str(workspace.raw / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID),
                   "-c", "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerKDMultiScale_debug", "-p", plans,
-                  "-device", "cpu", "-npp", "1", "-nps", "1", env={"nnUNet_results": str(results)})
+                  "-device", "cpu", "-npp", "0", "-nps", "0", env={"nnUNet_results": str(results)})
     assert len(list(out.glob("*.nii.gz"))) == len(list((workspace.raw / "imagesTs").glob("*.nii.gz")))
     plans_json = json.loads((model / "plans.json").read_text())
     assert plans_json["configurations"]["3d_fullres"]["architecture"]["network_class_name"] == \
         "nnunet_kd.architectures.lcovnet.LCOVNet"
 
 
-def test_class_affinity_trainer(workspace, teacher_3d):
-    workspace.train("nnUNetTrainerKDClassAffinity_debug", 1, STUDENT_PLANS,
-                    env={"nnUNet_KD_teacher": teacher_3d.name})
-    fold = workspace.model_folder("nnUNetTrainerKDClassAffinity_debug", STUDENT_PLANS) / "fold_1"
-    logging = _checkpoint(fold / "checkpoint_final.pth")["logging"]
+def test_class_affinity_trainer(class_affinity_from_fold_ensemble):
+    logging = _checkpoint(class_affinity_from_fold_ensemble / "checkpoint_final.pth")["logging"]
     assert 0 < min(logging["train_kd_loss"]) and max(logging["train_kd_loss"]) <= 1
 
 
