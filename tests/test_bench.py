@@ -1,5 +1,5 @@
 """Report arithmetic: the share of the teacher-student gap that KD closed, and nnU-Net's summary.json read with
-class names from dataset.json."""
+class names from dataset.json; bench predict's flag variants."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nnunet_kd.tools.bench_predict import parse_variants
 from nnunet_kd.tools.results import _gap_closed, read_summary
 
 
@@ -70,3 +71,7 @@ def test_summary_classes_are_named_from_dataset_json_and_means_are_nnunets(tmp_p
     assert scores.foreground_mean == pytest.approx(summary["foreground_mean"]["Dice"])  # nnU-Net's own figure
     regions = read_summary(_summary(tmp_path, {"a": {"(1, 2)": 0.8}}), {"background": 0, "whole": [1, 2]})
     assert regions.class_means == {"whole": pytest.approx(0.8)}
+
+
+def test_prediction_variants_are_split_at_semicolons_and_defaults_means_no_flags():
+    assert parse_variants("defaults; --disable_tta; ;-npp 1 -nps 1 ") == ["", "--disable_tta", "-npp 1 -nps 1"]

@@ -121,11 +121,12 @@ def test_bench_predict_times_whole_calls_and_scores_each_flag(workspace, kd_stud
     # the student's model folder is the reference here (a user's first model is the teacher); any trained folder is
     workspace.run("nnunet_kd", "bench", "predict", str(kd_student_3d), str(onnx_student),
                   "-i", str(workspace.raw / "imagesTs"), "-l", str(workspace.raw / "labelsTs"), "--repeats", "1",
-                  "--variants", "defaults; --disable_tta -npp 0 -nps 0", "--json", str(tmp_path / "r.json"),
+                  "--variants", "-npp 0 -nps 0; --disable_tta -npp 0 -nps 0", "--json", str(tmp_path / "r.json"),
                   "-o", str(table))
     runs = json.loads((tmp_path / "r.json").read_text())["runs"]
     assert [(r["onnx"], r["flags"]) for r in runs] == [
-        (False, ""), (True, ""), (False, "--disable_tta -npp 0 -nps 0"), (True, "--disable_tta -npp 0 -nps 0")]
+        (False, "-npp 0 -nps 0"), (True, "-npp 0 -nps 0"), (False, "--disable_tta -npp 0 -nps 0"),
+        (True, "--disable_tta -npp 0 -nps 0")]
     for run in runs:
         assert 0 <= run["mean_dice"] <= 1
         # start-up is timed in a process of its own: on a loaded machine it can exceed a short call

@@ -43,12 +43,10 @@ def bench_infer_command(args: argparse.Namespace) -> None:
 
 
 def bench_predict_command(args: argparse.Namespace) -> None:
-    from nnunet_kd.tools.bench_predict import bench_predict, format_predict
+    from nnunet_kd.tools.bench_predict import bench_predict, format_predict, parse_variants
 
-    variants = [v.strip() for v in args.variants.split(";")]
-    variants = ["" if v == "defaults" else v for v in variants if v]
-    result = bench_predict(args.models, args.images, variants, args.labels, args.repeats, args.folds,
-                           stages=not args.no_stages)
+    result = bench_predict(args.models, args.images, parse_variants(args.variants), args.labels, args.repeats,
+                           args.folds, stages=not args.no_stages)
     _print_table(format_predict(result), result, args)
 
 

@@ -37,6 +37,12 @@ from nnunet_kd.tools.results import read_summary
 DEFAULT_VARIANTS = ("", "--disable_tta")
 
 
+def parse_variants(text: str) -> list[str]:
+    """`--variants`: the flags of each variant, separated by ';', with 'defaults' for nnU-Net's (no flags)."""
+    variants = [v.strip() for v in text.split(";")]
+    return ["" if v == "defaults" else v for v in variants if v]
+
+
 def is_export(model: str | Path) -> bool:
     return (Path(model) / MANIFEST_FILE).is_file()
 
