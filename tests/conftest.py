@@ -58,6 +58,28 @@ class Workspace:
                         f"--- stderr\n{proc.stderr[-6000:]}")
         return proc
 
+    def fingerprint(self, *dataset_ids: int) -> None:
+        """nnU-Net's dataset fingerprint, written in this process (one worker) from 1e5 foreground intensities per
+        dataset instead of nnU-Net's 1e8, which it samples however small the dataset: most of the planning time of a
+        4-channel dataset of 8 tiny cases (14 of 37 s). 1e5 describe these generated intensities as well."""
+        from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import (
+            DatasetFingerprintExtractor,
+        )
+
+        from nnunet_kd.tools.bench import _environment
+
+        with _environment(**{k: v for k, v in self.env.items() if k.startswith("nnUNet")}):
+            for dataset_id in dataset_ids:
+                extractor = DatasetFingerprintExtractor(dataset_id, num_processes=1)
+                extractor.num_foreground_voxels_for_intensitystats = 100_000
+                extractor.run()
+
+    def plan_and_preprocess(self, *dataset_ids: int, configurations: tuple[str, ...] = ("3d_fullres",)) -> None:
+        """nnUNetv2_plan_and_preprocess with one worker process, on the fingerprint written first (`fingerprint`),
+        which the command reuses: it recomputes it only with --clean."""
+        self.fingerprint(*dataset_ids)
+        self.run("nnUNetv2_plan_and_preprocess", "-d", *map(str, dataset_ids), "-c", *configurations, "-np", "1")
+
     def trainer_in_process(self, monkeypatch, trainer: str, plans: str, env: dict | None = None, fold: int = 0,
                            results: Path | None = None, dataset_id: int = DATASET_ID):
         """The nnU-Net trainer `nnUNetv2_train` would build (on the CPU), in this process, with the workspace's
@@ -141,7 +163,7 @@ def _planned_workspace_with_teacher(root: Path) -> None:
     ws = Workspace(root, _clean_environment(root))
     write_dataset(root / "raw", DATASET_ID, spec=SyntheticSpec(shape=(24, 32, 32), num_training=10, num_test=2,
                                                               seed=1))
-    ws.run("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "2d", "-npfp", "1", "-np", "1")
+    ws.plan_and_preprocess(DATASET_ID, configurations=("3d_fullres", "2d"))
     ws.run("nnunet_kd", "student-plans", str(DATASET_ID), "-c", "3d_fullres", "2d", "--width", "0.25")
     for fold in (0, 1):
         ws.train("nnUNetTrainer_debug", fold)
@@ -169,6 +191,19 @@ def kd_student_3d(workspace, teacher_3d) -> Path:
     workspace.train("nnUNetTrainerKDLogits_debug", 0, STUDENT_PLANS,
                     env={"nnUNet_KD_teacher": teacher_3d.name})
     return workspace.model_folder("nnUNetTrainerKDLogits_debug", STUDENT_PLANS)
+
+
+@pytest.fixture(scope="session")
+def targets_3d(workspace, teacher_3d) -> Path:
+    """The fold-0 debug teacher's targets for every case, written with the CLI (mirroring on, as default)."""
+    from nnunet_kd.teachers.stored_targets import MANIFEST, TARGETS_FOLDER
+
+    result = workspace.run("nnunet_kd", "teacher-targets", str(DATASET_ID), "-c", "3d_fullres", "--teacher",
+                           teacher_3d.name, "-f", "0", "-device", "cpu")
+    assert "nnUNet_KD_teacher_targets=" in result.stdout and "MiB on disk" in result.stdout
+    folder = workspace.preprocessed / TARGETS_FOLDER / f"{teacher_3d.name}__f0"
+    assert (folder / MANIFEST).is_file()
+    return folder
 
 
 def copy_model_folder(source: Path, destination: Path, folds=(0,)) -> Path:

@@ -37,7 +37,7 @@ def bt_workspace(tmp_path_factory) -> Workspace:
     ws = Workspace(root, _clean_environment(root))
     write_multimodal_dataset(root / "raw", DATASET_ID, spec=SyntheticSpec(shape=(24, 32, 32), num_training=8,
                                                                          num_test=1, seed=2))
-    ws.run("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-npfp", "1", "-np", "1")
+    ws.plan_and_preprocess(DATASET_ID)
     # the student's inputs: the test images with FLAIR and T1CE only, as _0000 and _0001
     ws.run("nnunet_kd", "subset-channels", str(DATASET_ID), "--channels", "FLAIR,T1CE", "--dataset-id",
            str(SUBSET_ID))

@@ -1,24 +1,35 @@
-"""`nnunet_kd study` through the real nnU-Net CLI: 2 seeds x (plain student, KD student), a tiny schedule, CPU."""
+"""`nnunet_kd study` through the real nnU-Net CLI: 2 seeds x (plain student, KD student), a tiny schedule, CPU; then
+studies of KD from stored teacher targets that take that study's plain runs (--baseline-from)."""
 import json
+from pathlib import Path
 
+import pytest
 from conftest import DATASET_ID, STUDENT_PLANS
 
 from nnunet_kd.core.checkpoints import load_checkpoint
 
 
-def _study(workspace, teacher_3d, output, *extra):
+def _study(workspace, teacher_3d, output, *extra, seeds=("0", "1"), check=True):
+    """The plain student and KDLogits on the test set, 2 epochs of 2 iterations."""
     return workspace.run(
         "nnunet_kd", "study", str(DATASET_ID), "-c", "3d_fullres", "-p", STUDENT_PLANS, "--teacher", teacher_3d.name,
-        "--trainers", "nnUNetTrainerStudent", "nnUNetTrainerKDLogits", "--seeds", "0", "1",
-        "--epochs", "2", "--iterations", "2", "--val-iterations", "1", "--device", "cpu", "--time-cases", "1",
+        "--trainers", "nnUNetTrainerStudent", "nnUNetTrainerKDLogits", "--seeds", *seeds,
+        "--epochs", "2", "--iterations", "2", "--val-iterations", "1", "--device", "cpu", "--time-cases", "0",
         "--test-images", str(workspace.raw / "imagesTs"), "--test-labels", str(workspace.raw / "labelsTs"),
-        "-o", str(output), *extra)
+        "-o", str(output), *extra, check=check)
 
 
-def test_study_trains_paired_seeds_reports_and_resumes(workspace, teacher_3d, tmp_path):
-    output = tmp_path / "study"
+@pytest.fixture(scope="module")
+def paired_study(workspace, teacher_3d, tmp_path_factory) -> tuple[Path, str]:
+    """The study folder and what its first invocation printed."""
+    output = tmp_path_factory.mktemp("paired_study") / "study"
     first = _study(workspace, teacher_3d, output, "--jobs", "2")  # two runs at once
-    assert "run 4 of 4" in first.stdout
+    return output, first.stdout
+
+
+def test_study_trains_paired_seeds_reports_and_resumes(workspace, teacher_3d, paired_study):
+    output, first_stdout = paired_study
+    assert "run 4 of 4" in first_stdout
 
     runs = {(seed, trainer): output / "runs" / f"seed_{seed}" / workspace.results.name
             / f"{trainer}__{STUDENT_PLANS}__3d_fullres" / "fold_0"
@@ -54,7 +65,7 @@ def test_study_trains_paired_seeds_reports_and_resumes(workspace, teacher_3d, tm
 
     # re-running trains nothing: every run is reported done and no checkpoint changes
     stamps = {k: (v / "checkpoint_final.pth").stat().st_mtime for k, v in runs.items()}
-    again = _study(workspace, teacher_3d, output, "--time-cases", "0")
+    again = _study(workspace, teacher_3d, output)
     assert again.stdout.count(": done") == 4 and "training" not in again.stdout
     assert stamps == {k: (v / "checkpoint_final.pth").stat().st_mtime for k, v in runs.items()}
 
@@ -96,3 +107,73 @@ def test_a_seed_starts_the_plain_and_the_kd_student_from_the_same_weights(worksp
     assert plain.keys() == kd.keys()
     assert all(torch.equal(plain[k], kd[k]) for k in plain)
     assert not all(torch.equal(kd[k], other_seed[k]) for k in kd)
+
+
+# ---- KD from stored teacher targets, against the online KD of the study above ----
+@pytest.fixture(scope="module")
+def stored_target_study(workspace, teacher_3d, targets_3d, paired_study, tmp_path_factory) -> tuple[Path, str]:
+    """Seed 0 of KDLogits from the stored targets; its plain run is the paired study's (--baseline-from)."""
+    study = tmp_path_factory.mktemp("stored_target_study") / "study"
+    result = _study(workspace, teacher_3d, study, "--teacher-targets", targets_3d.name,
+                    "--baseline-from", str(paired_study[0]), seeds=("0",))
+    return study, result.stdout
+
+
+def test_study_runs_kd_from_stored_targets_on_the_plain_runs_of_another_and_compares(
+        workspace, teacher_3d, targets_3d, paired_study, stored_target_study, tmp_path):
+    refused = _study(workspace, teacher_3d, tmp_path / "refused", "--teacher-targets", "no_such_targets",
+                     seeds=("0",), check=False)
+    assert refused.returncode == 2 and "no stored teacher targets there" in refused.stderr
+    assert not (tmp_path / "refused" / "runs").exists()
+
+    (online, _), (stored, stdout) = paired_study, stored_target_study
+    runs = Path("runs") / "seed_0" / workspace.results.name
+    record = json.loads((stored / runs / f"nnUNetTrainerKDLogits__{STUDENT_PLANS}__3d_fullres" / "fold_0" /
+                         "kd_settings.json").read_text())
+    assert record["teacher_targets"]["folder"] == str(targets_3d.resolve()) and record["seed"] == 0
+    assert "learn from the stored teacher targets" in (stored / "report.md").read_text()
+
+    # the plain run and its test predictions are the online study's (the same run: no teacher in it)
+    assert "baseline runs of seeds [0] copied from" in stdout
+    assert "seed 0, nnUNetTrainerStudent: done" in stdout and "nnUNetTrainerStudent: training" not in stdout
+    checkpoint = runs / f"nnUNetTrainerStudent__{STUDENT_PLANS}__3d_fullres" / "fold_0" / "checkpoint_final.pth"
+    assert (stored / checkpoint).read_bytes() == (online / checkpoint).read_bytes()
+    prediction = Path("predictions") / "seed_0" / "nnUNetTrainerStudent" / "summary.json"
+    assert (stored / prediction).read_text() == (online / prediction).read_text()
+    # the machines that trained the copied run are named where it now is
+    machines = {study: set((study / "machines.txt").read_text().splitlines()) for study in (online, stored)}
+    assert machines[online] <= machines[stored]
+
+    # paired by seed: seed 0 of both, seed 1 (online only) named as left out
+    table = workspace.run("nnunet_kd", "study-compare", str(online), str(stored)).stdout
+    assert f"teacher_targets None -> '{targets_3d.name}'" in table
+    row = next(line for line in table.splitlines() if line.startswith("| nnUNetTrainerKDLogits | validation | 1 |"))
+    assert "95 % CI" in table and row.count("|") == 11 and "no claim (1 seed)" in row
+    assert "left out, their partner has no score yet: seed 1 of nnUNetTrainerKDLogits" in table
+    mismatch = workspace.run("nnunet_kd", "study-compare", str(online), str(tmp_path), check=False)
+    assert mismatch.returncode == 2 and "not a study folder" in mismatch.stderr
+
+    # another schedule's plain runs are other runs: refused, and the new study folder is not even made
+    other_schedule = _study(workspace, teacher_3d, tmp_path / "longer", "--epochs", "3", "--baseline-from",
+                            str(stored), seeds=("0",), check=False)
+    assert other_schedule.returncode == 2 and "num_epochs: 2 there, 3 here" in other_schedule.stderr
+    assert not (tmp_path / "longer").exists()
+
+
+def test_study_tests_the_teacher_as_its_targets_store_it_an_ensemble_without_mirroring(
+        workspace, teacher_3d, stored_target_study, tmp_path):
+    workspace.run("nnunet_kd", "teacher-targets", str(DATASET_ID), "-c", "3d_fullres", "--teacher", teacher_3d.name,
+                  "-f", "0", "1", "--disable_tta", "-device", "cpu")
+    study = tmp_path / "study"
+    _study(workspace, teacher_3d, study, "--teacher-targets", f"{teacher_3d.name}__f0-1__nomirror",
+           "--baseline-from", str(stored_target_study[0]), seeds=("0",))
+    teacher = study / "predictions" / "teacher"
+    assert json.loads((teacher / "teacher.json").read_text()) == {"folds": [0, 1], "mirroring": False}
+    assert "folds 0, 1 (ensemble), without mirroring" in (study / "report.md").read_text()
+    # the same prediction as the stock command for that ensemble
+    expected = tmp_path / "expected"
+    workspace.run("nnUNetv2_predict", "-i", str(workspace.raw / "imagesTs"), "-o", str(expected), "-d",
+                  str(DATASET_ID), "-c", "3d_fullres", "-f", "0", "1", "-tr", "nnUNetTrainer_debug", "-device", "cpu",
+                  "--disable_tta", "-npp", "0", "-nps", "0")
+    for case in sorted(expected.glob("*.nii.gz")):
+        assert (teacher / case.name).read_bytes() == case.read_bytes()

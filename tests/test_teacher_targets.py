@@ -109,17 +109,6 @@ def test_channel_stack_is_cropped_like_one_array_with_validity_zero_in_padding()
 TEACHER_NAME = "nnUNetTrainer_debug__nnUNetPlans__3d_fullres"
 
 
-@pytest.fixture(scope="module")
-def targets_3d(workspace, teacher_3d):
-    """The fold-0 debug teacher's targets for every case, written with the CLI (mirroring on, as default)."""
-    result = workspace.run("nnunet_kd", "teacher-targets", str(DATASET_ID), "-c", "3d_fullres", "--teacher",
-                           TEACHER_NAME, "-f", "0", "-device", "cpu")
-    assert "nnUNet_KD_teacher_targets=" in result.stdout and "MiB on disk" in result.stdout
-    folder = workspace.preprocessed / TARGETS_FOLDER / f"{TEACHER_NAME}__f0"
-    assert (folder / MANIFEST).is_file()
-    return folder
-
-
 def test_manifest_records_the_teacher_the_data_and_the_precision(workspace, targets_3d):
     manifest = json.loads((targets_3d / MANIFEST).read_text())
     teacher = manifest["teacher"]
@@ -455,82 +444,6 @@ def test_bench_targets_compares_top_k_with_dense_on_disk_loader_and_kd_loss(work
         "max_rel_loss_error"]
     # the top-k variants live in a scratch folder: the dataset's stored targets are as they were
     assert "less disk" in result.stdout and sorted(targets_3d.parent.iterdir()) == stored_before
-
-
-def _study(workspace, teacher_3d, output, *extra: str, check: bool = True):
-    """One seed of the plain student and of KDLogits on the test set, 1 epoch of 2 iterations."""
-    return workspace.run(
-        "nnunet_kd", "study", str(DATASET_ID), "-c", "3d_fullres", "-p", STUDENT_PLANS, "--teacher",
-        teacher_3d.name, "--trainers", "nnUNetTrainerStudent", "nnUNetTrainerKDLogits", "--seeds", "0",
-        "--epochs", "1", "--iterations", "2", "--val-iterations", "1", "--device", "cpu", "--time-cases", "0",
-        "--test-images", str(workspace.raw / "imagesTs"), "--test-labels", str(workspace.raw / "labelsTs"),
-        *extra, "-o", str(output), check=check)
-
-
-@pytest.fixture(scope="module")
-def stored_target_study(workspace, teacher_3d, targets_3d, tmp_path_factory) -> Path:
-    """The study with KDLogits from the stored targets; the studies below take its plain run (--baseline-from)."""
-    study = tmp_path_factory.mktemp("stored_target_study")
-    _study(workspace, teacher_3d, study, "--teacher-targets", targets_3d.name)
-    return study
-
-
-def test_study_runs_kd_trainers_from_stored_targets_and_compares_with_online_kd(workspace, teacher_3d, targets_3d,
-                                                                                   stored_target_study, tmp_path):
-    refused = _study(workspace, teacher_3d, tmp_path / "refused", "--teacher-targets", "no_such_targets", check=False)
-    assert refused.returncode == 2 and "no stored teacher targets there" in refused.stderr
-    assert not (tmp_path / "refused" / "runs").exists()
-
-    stored, online = stored_target_study, tmp_path / "online"
-    runs = Path("runs") / "seed_0" / workspace.results.name
-    record = json.loads((stored / runs / f"nnUNetTrainerKDLogits__{STUDENT_PLANS}__3d_fullres" / "fold_0" /
-                         "kd_settings.json").read_text())
-    assert record["teacher_targets"]["folder"] == str(targets_3d.resolve()) and record["seed"] == 0
-    assert "learn from the stored teacher targets" in (stored / "report.md").read_text()
-
-    # the online twin reuses the plain run and its test predictions (the same run: no teacher in it); trains online KD
-    twin = _study(workspace, teacher_3d, online, "--baseline-from", str(stored))
-    assert "baseline runs of seeds [0] copied from" in twin.stdout
-    assert "seed 0, nnUNetTrainerStudent: done" in twin.stdout and "nnUNetTrainerStudent: training" not in twin.stdout
-    checkpoint = runs / f"nnUNetTrainerStudent__{STUDENT_PLANS}__3d_fullres" / "fold_0" / "checkpoint_final.pth"
-    assert (online / checkpoint).read_bytes() == (stored / checkpoint).read_bytes()
-    prediction = Path("predictions") / "seed_0" / "nnUNetTrainerStudent" / "summary.json"
-    assert (online / prediction).read_text() == (stored / prediction).read_text()
-    assert (stored / "machines.txt").read_text() in (online / "machines.txt").read_text()
-    assert (online / runs / f"nnUNetTrainerKDLogits__{STUDENT_PLANS}__3d_fullres" / "fold_0" /
-            "checkpoint_final.pth").is_file()
-    table = workspace.run("nnunet_kd", "study-compare", str(online), str(stored)).stdout
-    assert f"teacher_targets None -> '{targets_3d.name}'" in table
-    row = next(line for line in table.splitlines() if line.startswith("| nnUNetTrainerKDLogits | validation | 1 |"))
-    assert "95 % CI" in table and row.count("|") == 11 and "no claim (1 seed)" in row
-    mismatch = workspace.run("nnunet_kd", "study-compare", str(online), str(tmp_path), check=False)
-    assert mismatch.returncode == 2 and "not a study folder" in mismatch.stderr
-
-    # another schedule's plain runs are other runs: refused, and the new study folder is not even made
-    other_schedule = _study(workspace, teacher_3d, tmp_path / "longer", "--epochs", "3", "--baseline-from",
-                            str(stored), check=False)
-    assert other_schedule.returncode == 2 and "num_epochs: 1 there, 3 here" in other_schedule.stderr
-    assert not (tmp_path / "longer").exists()
-
-
-def test_study_tests_the_teacher_as_its_targets_store_it_an_ensemble_without_mirroring(workspace, teacher_3d,
-                                                                                         stored_target_study,
-                                                                                         tmp_path):
-    workspace.run("nnunet_kd", "teacher-targets", str(DATASET_ID), "-c", "3d_fullres", "--teacher", TEACHER_NAME,
-                  "-f", "0", "1", "--disable_tta", "-device", "cpu")
-    study = tmp_path / "study"
-    _study(workspace, teacher_3d, study, "--teacher-targets", f"{TEACHER_NAME}__f0-1__nomirror",
-           "--baseline-from", str(stored_target_study))
-    teacher = study / "predictions" / "teacher"
-    assert json.loads((teacher / "teacher.json").read_text()) == {"folds": [0, 1], "mirroring": False}
-    assert "folds 0, 1 (ensemble), without mirroring" in (study / "report.md").read_text()
-    # the same prediction as the stock command for that ensemble
-    expected = tmp_path / "expected"
-    workspace.run("nnUNetv2_predict", "-i", str(workspace.raw / "imagesTs"), "-o", str(expected), "-d",
-                  str(DATASET_ID), "-c", "3d_fullres", "-f", "0", "1", "-tr", "nnUNetTrainer_debug", "-device", "cpu",
-                  "--disable_tta", "-npp", "0", "-nps", "0")
-    for case in sorted(expected.glob("*.nii.gz")):
-        assert (teacher / case.name).read_bytes() == case.read_bytes()
 
 
 def test_study_refuses_targets_of_another_teacher(workspace, teacher_3d, targets_3d, tmp_path):
