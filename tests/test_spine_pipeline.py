@@ -13,8 +13,9 @@ import SimpleITK as sitk
 
 from nnunet_kd.spine.derive import PATCH_MARGIN_MM, stage2_patches, target_vertebra
 from nnunet_kd.spine.evaluate import score_vertebrae
-from nnunet_kd.spine.pipeline import SearchSettings, segment_vertebrae
+from nnunet_kd.spine.pipeline import SearchSettings, segment_vertebrae, spine_without_stray_parts
 from nnunet_kd.spine.synthetic import SpineSpec, generate_spine_case, write_spine_dataset
+from nnunet_kd.spine.training import without_head_feet
 from nnunet_kd.spine.verse import vertebrae_top_down
 from nnunet_kd.tools.cli import main
 
@@ -39,6 +40,20 @@ def _oracle(mask: np.ndarray):
         return labels == target if target is not None else np.zeros(labels.shape, bool)
 
     return locate, segment, order
+
+
+def _network_like(mask: np.ndarray):
+    """Stage 2 as a trained network sees a patch: the highest vertebra is the one nearest the patch's last slice
+    along axis 0 (the canonical orientation's head), not the highest in the scan's anatomy."""
+    voxels = {label: int((mask == label).sum()) for label in np.unique(mask) if label}
+
+    def segment(ct_patch, memory_patch, spacing):
+        labels = np.where(ct_patch > 0, np.round((ct_patch - 100) / 1000), 0).astype(int)
+        in_patch = vertebrae_top_down(labels, 0, 1)
+        target = target_vertebra(labels, memory_patch, in_patch, voxels)
+        return labels == target if target is not None else np.zeros(labels.shape, bool)
+
+    return segment
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -114,23 +129,66 @@ def test_scores_count_missed_merged_and_split_vertebrae():
     assert scores["missed"] == 2 and scores["detected"] == 1 and scores["detection_rate"] == pytest.approx(1 / 3)
 
 
-def test_the_search_follows_the_image_direction_not_the_array_order():
+def test_a_scan_stored_feet_first_and_mirrored_gives_the_same_vertebrae():
+    """nnU-Net ignores the image direction: the search must show stage 2 every scan head up, as it was trained."""
     _, mask, _ = generate_spine_case(np.random.default_rng(5), SpineSpec())
-    upright = segment_vertebrae(_encoded_ct(mask, 2.0), *_oracle(mask)[:2], SearchSettings(spacing=2.0))
-    flipped = mask[::-1].copy()  # index 0 is now the most superior slice ...
-    image = _encoded_ct(flipped, 2.0)
-    image.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, -1))  # ... because the z axis points down
-    locate, _, _ = _oracle(mask)
+    settings = SearchSettings(spacing=2.0)
+    upright = segment_vertebrae(_encoded_ct(mask, 2.0), lambda ct, s: ct > 0, _network_like(mask), settings)
+    stored = sitk.DICOMOrient(_encoded_ct(mask, 2.0), "RPI")  # the same body, its array flipped head-feet and x
+    assert np.array_equal(sitk.GetArrayFromImage(stored), sitk.GetArrayFromImage(_encoded_ct(mask, 2.0))[::-1, :, ::-1])
+    result = segment_vertebrae(stored, lambda ct, s: ct > 0, _network_like(mask), settings)
+    assert result.instances.GetDirection() == stored.GetDirection()  # on the input's own grid
+    assert np.array_equal(sitk.GetArrayFromImage(result.instances)[::-1, :, ::-1],
+                          sitk.GetArrayFromImage(upright.instances))
+    assert len(result.centroids) == len(upright.centroids) == len(vertebrae_top_down(mask, 0, 1))
+    for moved, still in zip(result.centroids, upright.centroids):
+        assert moved["physical_xyz_mm"] == pytest.approx(still["physical_xyz_mm"], abs=1e-3)
 
-    def segment(ct_patch, memory_patch, spacing):  # the rule in the flipped array: the top is the low index
-        labels = np.where(ct_patch > 0, np.round((ct_patch - 100) / 1000), 0).astype(int)
-        order = vertebrae_top_down(flipped, 0, -1)
-        target = target_vertebra(labels, memory_patch, order, {lb: int((flipped == lb).sum()) for lb in order})
-        return labels == target if target is not None else np.zeros(labels.shape, bool)
 
-    result = segment_vertebrae(image, locate, segment, SearchSettings(spacing=2.0))
-    assert np.array_equal(sitk.GetArrayFromImage(result.instances)[::-1], sitk.GetArrayFromImage(upright.instances))
-    assert len(result.centroids) == len(upright.centroids) >= 4
+def test_a_stray_blob_above_the_spine_neither_starts_nor_ends_the_search():
+    _, mask, _ = generate_spine_case(np.random.default_rng(1), SpineSpec())
+    taller = np.concatenate([mask, np.zeros((60, *mask.shape[1:]), mask.dtype)])  # 120 mm of air above the head
+    ct = sitk.GetArrayFromImage(_encoded_ct(taller, 2.0))
+    ct[-10:-4, 20:26, 20:26] = 100  # bone-like, no vertebra: stage 1 takes it for spine
+    image = sitk.GetImageFromArray(ct)
+    image.SetSpacing((2.0,) * 3)
+    locate, segment, order = _oracle(taller)
+    lines = []
+    result = segment_vertebrae(image, locate, segment, SearchSettings(spacing=2.0), progress=lines.append)
+    assert "ml of stray parts left out" in lines[0]
+    assert len(result.centroids) == len(order)
+    assert all(c["confidence"] == "high" and not c["after_gap"] for c in result.centroids)
+    # a spine located in two long parts keeps both
+    split = np.zeros((40, 5, 5), bool)
+    split[2:18, 2, 2] = split[22:38, 2, 2] = split[39, 0, 0] = True
+    assert spine_without_stray_parts(split, 0.25).sum() == 32
+
+
+def test_one_level_that_stage_2_misses_does_not_lose_the_spine_below_it():
+    _, mask, _ = generate_spine_case(np.random.default_rng(2), SpineSpec())
+    locate, exact, order = _oracle(mask)
+    calls = []
+
+    def misses_the_third(ct_patch, memory_patch, spacing):
+        calls.append(1)
+        return np.zeros(ct_patch.shape, bool) if len(calls) == 3 else exact(ct_patch, memory_patch, spacing)
+
+    lines = []
+    result = segment_vertebrae(_encoded_ct(mask, 2.0), locate, misses_the_third, SearchSettings(spacing=2.0),
+                               progress=lines.append)
+    assert len(order) >= 5 and len(result.centroids) >= len(order) - 1
+    assert [c["label"] for c in result.centroids] == list(range(1, len(result.centroids) + 1))
+    assert [c["after_gap"] for c in result.centroids[:4]] == [False, False, True, False]
+    assert [c["confidence"] for c in result.centroids[:4]] == ["high", "high", "low", "high"]
+    assert any("one vertebra height" in line for line in lines)
+    scores = score_vertebrae(mask, sitk.GetArrayFromImage(result.instances), (2.0, 2.0, 2.0))
+    assert scores["detection_rate"] >= (len(order) - 1) / len(order) and scores["spurious"] == 0
+
+
+def test_stage_2_mirrors_along_every_axis_but_head_feet_wherever_the_plans_put_it():
+    assert without_head_feet((0, 1, 2), [0, 1, 2]) == (1, 2)
+    assert without_head_feet((0, 1, 2), [2, 0, 1]) == (0, 2)  # the scans' axis 0 is the preprocessed axis 1
+    assert without_head_feet(None, [0, 1, 2]) is None
 
 
 def test_a_network_that_answers_everything_cannot_crash_or_stall_the_search():

@@ -1,4 +1,5 @@
-"""Schedule variants of the stock trainer and of every KD trainer, in the spirit of nnU-Net's nnUNetTrainer_Xepochs.
+"""Schedule variants of the stock trainer and of every trainer of this folder, in the spirit of nnU-Net's
+nnUNetTrainer_Xepochs.
 
 Named `<trainer>_<schedule>`, e.g. `nnUNetTrainerKDLogits_debug`, `nnUNetTrainer_demo`,
 `nnUNetTrainerKDMultiScale_20epochs`:
@@ -19,23 +20,22 @@ import inspect
 from pathlib import Path
 
 import torch
-from nnUNetTrainerStudent import nnUNetTrainerStudent
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_kd.core.run_core import nnUNetTrainerKDRun
 from nnunet_kd.core.schedule import SCHEDULES
 
 
-def kd_trainers(folder: Path = Path(__file__).parent) -> list[type]:
-    """Every trainer of this package's shared core defined in a module of this folder (methods and their variants):
-    a new method is its loss and a trainer file here, and gets its schedule variants without a list to edit."""
+def trainers_here(folder: Path = Path(__file__).parent) -> list[type]:
+    """Every trainer defined in a module of this folder (the plain student, the KD methods and their variants, the
+    spine's stage-2 trainers): a new method is its loss and a trainer file here, and gets its schedule variants
+    without a list to edit."""
     found = []
     for path in sorted(folder.glob("nnUNetTrainer*.py")):
         if path.stem == Path(__file__).stem:
             continue
-        module = importlib.import_module(path.stem)  # nnU-Net puts this folder on the path, as the imports above
+        module = importlib.import_module(path.stem)  # nnU-Net puts this folder on the path
         found += [cls for _, cls in inspect.getmembers(module, inspect.isclass)
-                  if cls.__module__ == module.__name__ and issubclass(cls, nnUNetTrainerKDRun)]
+                  if cls.__module__ == module.__name__ and issubclass(cls, nnUNetTrainer)]
     return found
 
 
@@ -54,7 +54,7 @@ def with_schedule(base: type, schedule: str) -> type:
                                 "__doc__": f"{base.__name__} with the '{schedule}' schedule: {attributes}"})
 
 
-for _base in (nnUNetTrainer, nnUNetTrainerStudent, *kd_trainers()):
+for _base in (nnUNetTrainer, *trainers_here()):
     for _schedule in SCHEDULES:
         if _base is nnUNetTrainer and _schedule.endswith("epochs"):
             continue  # nnU-Net has its own nnUNetTrainer_<N>epochs

@@ -9,7 +9,9 @@ vertebra with everything in memory (nothing left: the search stops). Each patch 
 it (nnunet_kd.spine.pipeline): its top `PATCH_MARGIN_MM` above the highest slice not yet explained, here the top of
 the vertebra to find, with a random shift of up to the jitter along every axis. Centred patches would teach the
 network "the vertebra in the middle", which is the one *below* the next one in the search's patches. The folds keep
-all patches of one scan together (`grouped_splits`).
+all patches of one scan together (`grouped_splits`). Both stages see every scan in one orientation (`canonical`:
+head up along array axis 0), as the search shows it to them; stage 2 must then not be mirrored head-feet
+(`nnunet_kd.spine.training.HeadFeetUnmirrored`).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_kd.spine.verse import SpineCase, read_case, superior_axis, vertebrae_top_down
+from nnunet_kd.spine.verse import SpineCase, canonical, read_case, superior_axis, vertebrae_top_down
 
 AIR_HU = -1024
 # a vertebra counts as inside a patch when this share of its voxels is
@@ -58,7 +60,7 @@ def write_stage1_dataset(cases: Sequence[SpineCase], folder: Path, spacing: floa
     (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
     (folder / "labelsTr").mkdir(exist_ok=True)
     for case in cases:
-        ct, mask = read_case(case)
+        ct, mask = (canonical(image) for image in read_case(case))  # as the search shows it (pipeline.py)
         ct, mask = resample_isotropic(ct, spacing, False), resample_isotropic(mask, spacing, True)
         sitk.WriteImage(sitk.Cast(ct, sitk.sitkInt16), str(folder / "imagesTr" / f"{case.name}_0000.nii.gz"))
         _write((sitk.GetArrayViewFromImage(mask) > 0).astype(np.uint8), mask,
@@ -152,7 +154,7 @@ def write_stage2_dataset(cases: Sequence[SpineCase], folder: Path, spacing: floa
     patch = [round(patch_mm / spacing)] * 3
     groups: dict[str, list[str]] = {}
     for case in cases:
-        ct_image, mask_image = read_case(case)
+        ct_image, mask_image = (canonical(image) for image in read_case(case))
         ct_image = resample_isotropic(ct_image, spacing, False)
         mask_image = resample_isotropic(mask_image, spacing, True)
         axis, sign = superior_axis(ct_image)
@@ -179,7 +181,8 @@ def write_stage2_dataset(cases: Sequence[SpineCase], folder: Path, spacing: floa
 
 def write_one_shot_dataset(cases: Sequence[SpineCase], folder: Path, spacing: float = 1.0) -> dict[int, int]:
     """The baseline: one multi-label nnU-Net on whole CTs at `spacing` mm, one class per vertebra label present
-    (nnU-Net wants consecutive classes; dataset.json's `verse_labels` maps them back). Returns class -> label."""
+    (nnU-Net wants consecutive classes; dataset.json's `verse_labels` maps them back). Returns class -> label.
+    The scans keep their stored orientation, as stock nnUNetv2_predict sees them."""
     (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
     (folder / "labelsTr").mkdir(exist_ok=True)
     resampled = []

@@ -61,6 +61,17 @@ def read_case(case: SpineCase) -> tuple[sitk.Image, sitk.Image]:
     return ct, mask
 
 
+# identity direction: array axis 0 (z) runs feet to head, 1 (y) anterior to posterior, 2 (x) right to left
+CANONICAL_ORIENTATION = "LPS"
+
+
+def canonical(image: sitk.Image) -> sitk.Image:
+    """`image` with its axes permuted and flipped (no resampling) to one orientation, `CANONICAL_ORIENTATION`.
+    nnU-Net ignores the image direction, so the spine's stages see each scan as its array is stored: without this, a
+    scan stored feet-first shows stage 2 an upside-down patch, where "the highest vertebra" is the lowest."""
+    return sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
+
+
 def superior_axis(image: sitk.Image) -> tuple[int, int]:
     """(numpy axis of the (z, y, x) array that runs head-feet, +1 if a larger index is more superior else -1).
 

@@ -62,26 +62,28 @@ train() {
 model() { echo "${4:-$nnUNet_results}/$1/$2__$3__3d_fullres"; }
 # seed 0's students sit next to the teacher; each other seed's in a results folder of its own
 seed_results() { if [ "$1" = 0 ]; then echo "$nnUNet_results"; else echo "$work/seeds/seed_$1/results"; fi; }
-teacher=nnUNetTrainer_$schedule
+# stage 2 with the spine's trainers: nnU-Net's mirroring except head-feet (trainers/nnUNetTrainerSpineStage2.py)
+teacher=nnUNetTrainer_$schedule stage2_teacher=nnUNetTrainerSpineStage2_$schedule
 train "$nnUNet_results" $stage1 "$teacher" "$plans"
-train "$nnUNet_results" $stage2 "$teacher" "$plans"
+train "$nnUNet_results" $stage2 "$stage2_teacher" "$plans"
 for seed in $seeds; do
-  train "$(seed_results "$seed")" $stage2 "nnUNetTrainerStudent_$schedule" "$students" nnUNet_KD_seed="$seed"
-  train "$(seed_results "$seed")" $stage2 "nnUNetTrainerKDLogits_$schedule" "$students" nnUNet_KD_seed="$seed" \
-    nnUNet_KD_teacher="$(model $stage2 "$teacher" "$plans")"
+  train "$(seed_results "$seed")" $stage2 "nnUNetTrainerSpineStage2Student_$schedule" "$students" \
+    nnUNet_KD_seed="$seed"
+  train "$(seed_results "$seed")" $stage2 "nnUNetTrainerSpineStage2KDLogits_$schedule" "$students" \
+    nnUNet_KD_seed="$seed" nnUNet_KD_teacher="$(model $stage2 "$stage2_teacher" "$plans")"
 done
 train "$nnUNet_results" $one_shot "$teacher" "$plans"
 
 # predictions of the held-out scans, each command timed as a whole (model loading included); a folder that holds
 # its wall_seconds is finished and kept
-declare -A stage2_models=(["stage-2 teacher"]=$(model $stage2 "$teacher" "$plans"))
+declare -A stage2_models=(["stage-2 teacher"]=$(model $stage2 "$stage2_teacher" "$plans"))
 stage2_runs=("stage-2 teacher")
 for seed in $seeds; do
   suffix=$([ "$seed" = 0 ] || echo " seed $seed")
-  stage2_models["stage-2 student alone$suffix"]=$(model $stage2 "nnUNetTrainerStudent_$schedule" "$students" \
-    "$(seed_results "$seed")")
-  stage2_models["stage-2 KD student$suffix"]=$(model $stage2 "nnUNetTrainerKDLogits_$schedule" "$students" \
-    "$(seed_results "$seed")")
+  stage2_models["stage-2 student alone$suffix"]=$(model $stage2 "nnUNetTrainerSpineStage2Student_$schedule" \
+    "$students" "$(seed_results "$seed")")
+  stage2_models["stage-2 KD student$suffix"]=$(model $stage2 "nnUNetTrainerSpineStage2KDLogits_$schedule" \
+    "$students" "$(seed_results "$seed")")
   stage2_runs+=("stage-2 student alone$suffix" "stage-2 KD student$suffix")
 done
 runs=() seconds=()
