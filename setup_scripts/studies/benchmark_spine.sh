@@ -10,7 +10,8 @@
 # model's batch; nnU-Net plans 13 for stage 2, for a GPU; empty keeps nnU-Net's), WIDTH [0.25] (the student),
 # SEEDS [0] (one pair of stage-2 students, alone and distilled, per seed; seed N > 0 trains into seeds/seed_N/results),
 # DEVICE [cpu], TTA [0] (1 predicts with mirroring), REAL [] (a VerSe-style folder of real scans: the same two-stage
-# models predict and are scored on it too, e.g. the TPTBox crop that setup_scripts/studies/spine_smoke_tptbox.sh lays out).
+# models predict and are scored on it too, e.g. the TPTBox crop that setup_scripts/studies/spine_smoke_tptbox.sh lays out),
+# ONE_SHOT [1] (0 leaves out the one-shot baseline, the longest model to train, to check the two-stage rows alone).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 [ -z "${VIRTUAL_ENV:-}" ] && [ -x "$repo/.venv/bin/nnunet_kd" ] && export PATH="$repo/.venv/bin:$PATH"
@@ -72,7 +73,7 @@ for seed in $seeds; do
   train "$(seed_results "$seed")" $stage2 "nnUNetTrainerSpineStage2KDLogits_$schedule" "$students" \
     nnUNet_KD_seed="$seed" nnUNet_KD_teacher="$(model $stage2 "$stage2_teacher" "$plans")"
 done
-train "$nnUNet_results" $one_shot "$teacher" "$plans"
+[ "${ONE_SHOT:-1}" = 1 ] && train "$nnUNet_results" $one_shot "$teacher" "$plans"
 
 # predictions of the held-out scans, each command timed as a whole (model loading included); a folder that holds
 # its wall_seconds is finished and kept
@@ -104,13 +105,15 @@ for run in "${stage2_runs[@]}"; do
     -o "$work/predicted/${run// /_}" --stage1 "$(model $stage1 "$teacher" "$plans")" --stage2 "${stage2_models[$run]}" \
     -device "$device" "${tta[@]}"
 done
-mkdir -p "$work/one_shot_input"
-for ct in "$work"/scans_test/*_ct.nii.gz; do
-  ln -sf "$ct" "$work/one_shot_input/$(basename "$ct" _ct.nii.gz)_0000.nii.gz"
-done
-timed "one-shot multi-label nnU-Net" "$work/predicted/one_shot" nnUNetv2_predict -i "$work/one_shot_input" \
-  -o "$work/predicted/one_shot" -d 523 -c 3d_fullres -f 0 -tr "$teacher" -p "$plans" -device "$device" "${tta[@]}" \
-  -npp 1 -nps 1
+if [ "${ONE_SHOT:-1}" = 1 ]; then
+  mkdir -p "$work/one_shot_input"
+  for ct in "$work"/scans_test/*_ct.nii.gz; do
+    ln -sf "$ct" "$work/one_shot_input/$(basename "$ct" _ct.nii.gz)_0000.nii.gz"
+  done
+  timed "one-shot multi-label nnU-Net" "$work/predicted/one_shot" nnUNetv2_predict -i "$work/one_shot_input" \
+    -o "$work/predicted/one_shot" -d 523 -c 3d_fullres -f 0 -tr "$teacher" -p "$plans" -device "$device" \
+    "${tta[@]}" -npp 1 -nps 1
+fi
 
 step "scores on the $test_scans held-out scans"
 nnunet_kd spine table "$work/scans_test" "${runs[@]}" --seconds "${seconds[@]}" --json "$work/spine_table.json" \
