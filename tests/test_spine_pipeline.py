@@ -27,6 +27,11 @@ def _encoded_ct(mask: np.ndarray, spacing: float, flip_axis: int | None = None) 
     return image
 
 
+def _decoded(ct_patch: np.ndarray) -> np.ndarray:
+    """The vertebra labels an encoded CT patch carries (0 elsewhere)."""
+    return np.where(ct_patch > 0, np.round((ct_patch - 100) / 1000), 0).astype(int)
+
+
 def _oracle(mask: np.ndarray):
     order = vertebrae_top_down(mask, 0, 1)
     voxels = {label: int((mask == label).sum()) for label in order}
@@ -35,7 +40,7 @@ def _oracle(mask: np.ndarray):
         return ct > 0
 
     def segment(ct_patch, memory_patch, spacing):
-        labels = np.where(ct_patch > 0, np.round((ct_patch - 100) / 1000), 0).astype(int)
+        labels = _decoded(ct_patch)
         target = target_vertebra(labels, memory_patch, order, voxels)
         return labels == target if target is not None else np.zeros(labels.shape, bool)
 
@@ -48,7 +53,7 @@ def _network_like(mask: np.ndarray):
     voxels = {label: int((mask == label).sum()) for label in np.unique(mask) if label}
 
     def segment(ct_patch, memory_patch, spacing):
-        labels = np.where(ct_patch > 0, np.round((ct_patch - 100) / 1000), 0).astype(int)
+        labels = _decoded(ct_patch)
         in_patch = vertebrae_top_down(labels, 0, 1)
         target = target_vertebra(labels, memory_patch, in_patch, voxels)
         return labels == target if target is not None else np.zeros(labels.shape, bool)
