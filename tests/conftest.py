@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import console_scripts
 import pytest
 from filelock import FileLock
 
@@ -51,8 +52,7 @@ class Workspace:
 
     def run(self, *args: str, env: dict | None = None, check: bool = True,
             timeout: int = 900) -> subprocess.CompletedProcess:
-        proc = subprocess.run(list(args), env={**self.env, **(env or {})}, capture_output=True, text=True,
-                              timeout=timeout, cwd=self.root)
+        proc = console_scripts.run(args, {**self.env, **(env or {})}, self.root, timeout=timeout)
         if check and proc.returncode != 0:
             pytest.fail(f"`{' '.join(args)}` exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
                         f"--- stderr\n{proc.stderr[-6000:]}")
