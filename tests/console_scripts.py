@@ -63,19 +63,13 @@ def _forkserver(env: Mapping[str, str]) -> multiprocessing.context.ForkServerCon
     global _server_environment
     context = multiprocessing.get_context("forkserver")
     if _server_environment is None:
-        _server_environment = _import_time_values(env)
+        from nnunet_kd.tools.bench import _environment  # torch: only where a command runs
+
         context.set_forkserver_preload(list(PRELOADED))
-        saved = dict(os.environ)
-        try:  # the server inherits this process's environment when it starts
-            for name, value in _server_environment.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+        # the server inherits this process's environment when it starts: the command's import-time values
+        with _environment(**{k: v for k, v in _import_time_values(env).items() if v is not None}):
             multiprocessing.forkserver.ensure_running()
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+            _server_environment = _import_time_values(os.environ)
     return context
 
 

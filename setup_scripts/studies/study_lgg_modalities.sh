@@ -49,7 +49,7 @@ if [ ! -f "$folder/validation/summary.json" ]; then
   nnUNetv2_train $id 2d 0 -tr "$teacher_trainer" -p "$plans" -device "$device" "${resume[@]}" \
     >> "$work/logs/teacher.log" 2>&1
 fi
-grep -h "Mean Validation Dice" "$work/logs/teacher.log" | tail -1
+grep -h "Mean Validation Dice" "$work/logs/teacher.log" | tail -1 || true  # the log may be gone, the model not
 
 targets=${teacher}__f0
 if [ ! -f "$nnUNet_preprocessed/$dataset/kd_targets/$targets/manifest.json" ]; then
