@@ -19,7 +19,12 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from realistic_plans import _dataset_json, _plain_unet_arch, _realistic_plans
 
 from nnunet_kd.core.settings import KDConfigurationError
-from nnunet_kd.deploy.batched_prediction import BatchedPredictor, default_tile_batch, load_predictor
+from nnunet_kd.deploy.batched_prediction import (
+    BatchedPredictor,
+    _even_batches,
+    default_tile_batch,
+    load_predictor,
+)
 
 SHAPES = {"3d_fullres": ([16, 16, 16], (1, 28, 28, 28)), "2d": ([32, 32], (1, 3, 60, 60))}  # 27 tiles each
 
@@ -63,7 +68,7 @@ def test_batched_tiles_give_nnunets_logits(configuration, mirroring):
     expected = _predictor(nnUNetPredictor, configuration, mirroring).predict_logits_from_preprocessed_data(image)
     tiles = len(_predictor(nnUNetPredictor, configuration, False)._internal_get_sliding_window_slicers(
         image.shape[1:]))
-    assert tiles > 8 and tiles % 4 != 0  # several batches, the last one not full
+    assert tiles > 8 and tiles % 4 != 0  # several batches, of unequal sizes at 4 tiles per call
     for tile_batch in (1, 4, tiles + 5):
         predictor = _predictor(BatchedPredictor, configuration, mirroring, tile_batch=tile_batch)
         logits = predictor.predict_logits_from_preprocessed_data(image)
@@ -77,6 +82,13 @@ def test_batched_tiles_give_nnunets_logits(configuration, mirroring):
 def test_tile_batch_must_be_positive():
     with pytest.raises(KDConfigurationError, match="--tile-batch must be at least 1"):
         BatchedPredictor(tile_batch=0, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("tiles, most, sizes", [(36, 32, [18, 18]), (33, 32, [17, 16]), (64, 32, [32, 32]),
+                                               (7, 32, [7]), (9, 4, [3, 3, 3]), (5, 1, [1] * 5), (0, 4, [])])
+def test_tiles_go_in_as_few_calls_as_the_tile_batch_allows_of_about_equal_size(tiles, most, sizes):
+    batches = _even_batches(list(range(tiles)), most)
+    assert [len(b) for b in batches] == sizes and sum(batches, []) == list(range(tiles))
 
 
 def test_default_tile_batch_follows_the_measurements():

@@ -93,3 +93,15 @@ def test_commands_find_this_packages_trainers_unless_the_user_chose_a_folder(mon
     assert ensure_ext_trainer() == str(TRAINERS_FOLDER) == os.environ["nnUNet_extTrainer"]
     monkeypatch.setenv("nnUNet_extTrainer", str(tmp_path))
     assert ensure_ext_trainer() == str(tmp_path)
+
+
+
+def test_the_executable_exits_with_the_commands_status_and_all_its_output(tmp_path, capsys):
+    # console_main skips the interpreter's last garbage collection: the output must still arrive whole, the status too
+    executable = shutil.which("nnunet_kd", path=os.path.dirname(sys.executable))
+    listed = subprocess.run([executable, "schedules"], capture_output=True, text=True)
+    assert main(["schedules"]) == 0
+    assert listed.returncode == 0 and listed.stdout == capsys.readouterr().out and len(listed.stdout) > 500
+    refused = subprocess.run([executable, "report", "--workdir", str(tmp_path / "nowhere")], capture_output=True,
+                             text=True)
+    assert refused.returncode == 2 and refused.stderr.startswith("nnunet_kd: error:")

@@ -157,6 +157,32 @@ def test_rerun_continues_and_other_settings_are_refused(workspace, targets_3d, t
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.b2nd") if p.name in kept} == kept
 
 
+def test_openvino_runtime_stores_the_torch_targets_within_float_rounding(workspace, targets_3d, tmp_path):
+    import blosc2
+
+    folder = tmp_path / "openvino"
+    args = ("nnunet_kd", "teacher-targets", str(DATASET_ID), "-c", "3d_fullres", "--teacher", TEACHER_NAME, "-f",
+            "0", "--name", str(folder))
+    on_gpu = workspace.run(*args, "--runtime", "openvino", "-device", "cuda", check=False)
+    assert on_gpu.returncode == 2 and "runs the teacher on the CPU" in on_gpu.stderr and not folder.exists()
+    result = workspace.run(*args, "--runtime", "openvino")
+    assert "runtime openvino" in result.stdout
+    manifest = json.loads((folder / MANIFEST).read_text())
+    torch_manifest = json.loads((targets_3d / MANIFEST).read_text())
+    assert manifest["teacher"].pop("runtime") == "openvino" and "runtime" not in torch_manifest["teacher"]
+    assert manifest["teacher"] == torch_manifest["teacher"]
+    assert manifest["cases"].keys() == torch_manifest["cases"].keys()
+    for identifier in manifest["cases"]:
+        stored, reference = (torch.from_numpy(blosc2.open(str(f / f"{identifier}.b2nd"))[:]).float()
+                             for f in (folder, targets_3d))
+        # the same network in float32 under another library: probabilities within rounding, the same classes
+        assert (stored.exp() - reference.exp()).abs().max() < 5e-3
+        assert (stored.argmax(0) != reference.argmax(0)).float().mean() < 1e-3
+
+    mixed = workspace.run(*args, check=False)  # torch targets into the OpenVINO folder: one folder, one runtime
+    assert mixed.returncode == 2 and "another teacher or other settings" in mixed.stderr
+
+
 def _trainer(workspace, monkeypatch, env: dict, fold: int = 0, trainer: str = "nnUNetTrainerKDLogits_debug",
              results=None):
     return workspace.trainer_in_process(monkeypatch, trainer, STUDENT_PLANS, env, fold, results)

@@ -9,6 +9,10 @@ resampling), and stores per case, in float16 blosc2 like nnU-Net's preprocessed 
 With `target_format="topk"` (softmax tasks) a case stores per voxel only the k most probable classes and the mass
 outside them, and per case the sums of a tail profile (`nnunet_kd.teachers.compact_targets`): its size per voxel
 does not grow with the number of classes.
+By default the teacher runs as nnU-Net runs it (torch), and the targets are those of nnU-Net's own prediction to
+the bit. On a CPU, `runtime="openvino"` exports the teacher's folds to ONNX (into a temporary folder, each graph
+checked against torch by `nnunet_kd.deploy.export`) and runs them with OpenVINO, measured faster for the teachers
+tried; the targets then differ from torch's by float rounding (BENCHMARKS.md, "A CT in seconds on a CPU").
 A manifest records where the targets come from and which preprocessed voxels and labels they belong to. Large
 datasets split the work as `nnUNetv2_predict` does (`num_parts`, `part_id`): each part keeps its own manifest, and
 reading them checks that every part was written by the same teacher with the same settings.
@@ -21,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,12 +75,13 @@ def targets_root(preprocessed_dataset_folder: str | Path) -> Path:
     return Path(preprocessed_dataset_folder) / TARGETS_FOLDER
 
 
-def default_targets_name(spec: TeacherSpec, mirroring: bool, target_format: str = "dense", top_k: int = 4) -> str:
-    """`<teacher model folder>__f0-1-2-3-4`, with `__nomirror` when test-time mirroring is off and `__top4` for
-    top-k targets."""
+def default_targets_name(spec: TeacherSpec, mirroring: bool, target_format: str = "dense", top_k: int = 4,
+                         runtime: str = "torch") -> str:
+    """`<teacher model folder>__f0-1-2-3-4`, with `__nomirror` when test-time mirroring is off, `__top4` for top-k
+    targets and `__openvino` (the runtime) where the teacher did not run under torch."""
     folds = "-".join(str(f) for f in spec.folds)
     return (f"{Path(spec.model_folder).name}__f{folds}" + ("" if mirroring else "__nomirror")
-            + (f"__top{top_k}" if target_format == "topk" else ""))
+            + (f"__top{top_k}" if target_format == "topk" else "") + ("" if runtime == "torch" else f"__{runtime}"))
 
 
 def _write_json_atomically(path: Path, content: dict) -> None:
@@ -185,17 +191,44 @@ def _save_case(array: np.ndarray, path: Path, patch_size: Sequence[int]) -> None
     os.replace(partial, path)
 
 
+TEACHER_RUNTIMES = ("torch", "openvino", "onnxruntime")
+
+
+def load_teacher_predictor(teacher: TeacherSpec, runtime: str = "torch", device: str = "cpu",
+                           tile_batch: int | None = None, mirroring: bool = True, tile_step_size: float = 0.5):
+    """The teacher's predictor: nnU-Net's network under torch on `device`, or, on the CPU, its folds exported to
+    ONNX and compiled by `runtime` (the export is written to a temporary folder and gone once compiled)."""
+    if runtime not in TEACHER_RUNTIMES:
+        raise KDConfigurationError(f"Unknown runtime {runtime!r}; choose one of {', '.join(TEACHER_RUNTIMES)}.")
+    if runtime == "torch":
+        return load_predictor(teacher.model_folder, teacher.folds, device=device, tile_batch=tile_batch,
+                              use_mirroring=mirroring, tile_step_size=tile_step_size,
+                              checkpoint=teacher.checkpoint_name)
+    if torch.device(device).type != "cpu":
+        raise KDConfigurationError(f"--runtime {runtime} runs the teacher on the CPU: pass -device cpu, or keep "
+                                   f"--runtime torch (the default) on the GPU.")
+    from nnunet_kd.core.settings import ensure_ext_trainer
+    from nnunet_kd.deploy.export import export_onnx
+
+    ensure_ext_trainer()  # a student teacher's trainer class lives in this package's trainers folder
+    with tempfile.TemporaryDirectory(prefix="nnunet_kd_teacher_export_") as folder:
+        export_onnx(teacher.model_folder, folder, teacher.folds, teacher.checkpoint_name, force=True)
+        return load_predictor(folder, teacher.folds, tile_batch=tile_batch, use_mirroring=mirroring,
+                              tile_step_size=tile_step_size, runtime=runtime)
+
+
 def write_teacher_targets(teacher: TeacherSpec, preprocessed_dataset_folder: str | Path, plans_name: str,
                           configuration: str, output: Path, mirroring: bool = True, tile_step_size: float = 0.5,
                           device: str = "cpu", force: bool = False, progress: bool = True,
                           target_format: str = "dense", top_k: int = 4, num_parts: int = 1,
-                          part_id: int = 0, tile_batch: int | None = None) -> dict:
+                          part_id: int = 0, tile_batch: int | None = None, runtime: str = "torch") -> dict:
     """Store `teacher`'s outputs for every preprocessed case of `plans_name`/`configuration` in
     `preprocessed_dataset_folder` ($nnUNet_preprocessed/<dataset>); returns this part's manifest.
 
     `target_format`: "dense" (every class) or "topk" (the `top_k` most probable classes and the rest's mass; softmax
     tasks only). `num_parts`/`part_id`: this process does every `num_parts`-th case, starting at `part_id`.
-    `tile_batch`: sliding-window tiles per network call (`nnunet_kd.deploy.batched_prediction`).
+    `tile_batch`: sliding-window tiles per network call (`nnunet_kd.deploy.batched_prediction`); `runtime`: see
+    `load_teacher_predictor`.
     Re-running continues: cases already stored are kept. Targets of another teacher (or other settings) in `output`
     are refused unless `force`, which deletes them (every part's) first.
     """
@@ -229,9 +262,7 @@ def write_teacher_targets(teacher: TeacherSpec, preprocessed_dataset_folder: str
                                    f"{dataset_name} -c {configuration} -p ...` for these plans first.")
 
     torch_device = torch.device(device)
-    predictor = load_predictor(teacher.model_folder, teacher.folds, device=device, tile_batch=tile_batch,
-                               use_mirroring=mirroring, tile_step_size=tile_step_size,
-                               checkpoint=teacher.checkpoint_name)
+    predictor = load_teacher_predictor(teacher, runtime, device, tile_batch, mirroring, tile_step_size)
     problems = compatibility_problems(predictor.plans_manager, predictor.configuration_manager,
                                       predictor.dataset_json, plans_manager, config, dataset_json)
     if problems:
@@ -254,7 +285,9 @@ def write_teacher_targets(teacher: TeacherSpec, preprocessed_dataset_folder: str
                     "plans": predictor.plans_manager.plans_name,
                     "checkpoint_sha256": [file_sha256(p) for p in teacher.checkpoint_paths()],
                     "mirroring": mirroring, "mirror_axes": list(predictor.allowed_mirroring_axes or ()) if mirroring
-                    else [], "tile_step_size": tile_step_size},
+                    else [], "tile_step_size": tile_step_size,
+                    # recorded where it is not torch, so that torch targets written before it stay the same targets
+                    **({} if runtime == "torch" else {"runtime": runtime})},
         "data": {"dataset": dataset_name, "plans_name": plans_name, "configuration": configuration,
                  "data_identifier": config.data_identifier, "labels": dataset_json["labels"],
                  "regions_class_order": dataset_json.get("regions_class_order"),

@@ -4,7 +4,7 @@ Every model (a trained model folder, predicted with stock `nnUNetv2_predict`, or
 by `nnunet_kd export`, predicted with `nnunet_kd predict-onnx`) runs as its own process on the same cases with the
 same flags, models interleaved, each call repeated. Beside the whole call:
 - start-up: a process that does what the command does before its first case (imports, nnU-Net's trainer search,
-  loading the checkpoints or ONNX sessions) and nothing else;
+  loading the checkpoints or ONNX sessions) and nothing else, then exits as the command does;
 - per case: (call - start-up) / cases, the part that grows with the data;
 - the stages of one case, run one after the other in one process with nnU-Net's own functions: preprocessing
   (`run_case`), network (`predict_logits_from_preprocessed_data`: sliding window, mirroring), resampling and export
@@ -72,6 +72,8 @@ if (Path(model) / {manifest!r}).is_file():
     import json
     from nnunet_kd.deploy.batched_prediction import load_onnx_predictor
     load_onnx_predictor(model, folds, **json.loads(options))
+    import gc
+    gc.freeze()  # and exit as the nnunet_kd executable does (nnunet_kd.tools.cli.console_main)
 else:
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor

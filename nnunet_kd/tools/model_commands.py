@@ -69,15 +69,15 @@ def teacher_targets_command(args: argparse.Namespace) -> None:
     spec = TeacherSpec(os.path.abspath(folder), tuple(f if f == "all" else int(f) for f in folds), args.checkpoint)
     mirroring = not args.disable_tta
     output = targets_root(dataset_folder(args.dataset)) / (
-        args.name or default_targets_name(spec, mirroring, args.format, args.top_k))
+        args.name or default_targets_name(spec, mirroring, args.format, args.top_k, args.runtime))
     part = f", part {args.part_id + 1} of {args.num_parts}" if args.num_parts > 1 else ""
-    print(f"teacher {spec.model_folder}, folds {list(spec.folds)}, mirroring {mirroring}, format {args.format}"
-          f"{part} -> {output}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"teacher {spec.model_folder}, folds {list(spec.folds)}, mirroring {mirroring}, format {args.format}, "
+          f"runtime {args.runtime}{part} -> {output}")
+    device = args.device or ("cuda" if args.runtime == "torch" and torch.cuda.is_available() else "cpu")
     manifest = write_teacher_targets(spec, dataset_folder(args.dataset), args.plans, args.configuration, output,
                                      mirroring, args.step_size, device, args.force, target_format=args.format,
                                      top_k=args.top_k, num_parts=args.num_parts, part_id=args.part_id,
-                                     tile_batch=args.tile_batch)
+                                     tile_batch=args.tile_batch, runtime=args.runtime)
     summary = summarise(manifest)
     stored_as = "float16" if args.format == "dense" else f"top-{args.top_k} float16"
     print(f"{summary['cases']} cases{part and ' in this part'}, {summary['total_mib']:.1f} MiB on disk "
@@ -127,6 +127,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="split the cases into this many parts, one process each (as nnUNetv2_predict)")
     p.add_argument("-part_id", type=int, default=0, help="which part this process writes (0 .. num_parts - 1)")
     add_tile_batch_argument(p)
+    p.add_argument("--runtime", default="torch", choices=["torch", "openvino", "onnxruntime"],
+                   help="torch: nnU-Net's network, targets to the bit those of nnU-Net's prediction (default); "
+                        "openvino: on a CPU, the teacher exported to ONNX for this call and run by OpenVINO, measured "
+                        "faster, targets within float rounding of torch's (docs/stored-targets.md)")
     p.add_argument("-device", "--device", dest="device", default=None, choices=["cpu", "cuda"],
                    help="default: cuda when available")
     p.add_argument("--force", action="store_true", help="replace targets of another teacher or settings under the "
