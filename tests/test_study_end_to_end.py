@@ -1,5 +1,6 @@
 """`nnunet_kd study` through the real nnU-Net CLI: 2 seeds x (plain student, KD student), a tiny schedule, CPU; then
 studies of KD from stored teacher targets that take that study's plain runs (--baseline-from)."""
+import csv
 import json
 from pathlib import Path
 
@@ -68,6 +69,23 @@ def test_study_trains_paired_seeds_reports_and_resumes(workspace, teacher_3d, pa
     again = _study(workspace, teacher_3d, output)
     assert again.stdout.count(": done") == 4 and "training" not in again.stdout
     assert stamps == {k: (v / "checkpoint_final.pth").stat().st_mtime for k, v in runs.items()}
+
+
+def test_study_lesions_scores_every_test_prediction_of_a_study(workspace, paired_study):
+    study, _ = paired_study
+    result = workspace.run("nnunet_kd", "study-lesions", str(study), "--label", "1")
+    assert "## Lesion scores, test set: 2 cases, label 1" in result.stdout
+    assert "| nnUNetTrainerKDLogits | fp_ml_lesion_free_slices | 2 | " in result.stdout
+    assert "no claim (2 seeds)" in result.stdout
+    rows = list(csv.DictReader(open(study / "per_case_lesions.csv")))
+    assert len(rows) == 2 + 2 * 2 * 2  # the teacher's 2 test cases, then 2 seeds x 2 trainers x 2 cases
+    # the Dice here is nnU-Net's own for label 1, case by case
+    for row in rows:
+        run = "teacher" if row["model"] == "teacher" else f"seed_{row['seed']}/{row['model']}"
+        folder = study / "predictions" / run
+        nnunet = {Path(c["reference_file"]).name.split(".")[0]: c["metrics"]["1"]["Dice"]
+                  for c in json.loads((folder / "summary.json").read_text())["metric_per_case"]}
+        assert float(row["dice"]) == pytest.approx(nnunet[row["case"]], abs=1e-6, nan_ok=True)
 
 
 def test_study_refuses_changed_settings_and_unknown_trainers_before_training(workspace, teacher_3d, tmp_path):

@@ -9,30 +9,11 @@ HD95 (mm) is the 95th percentile of the symmetric surface distances of each matc
 from __future__ import annotations
 
 import numpy as np
-import SimpleITK as sitk
+
+from nnunet_kd.evaluation.surface import hd95
 
 SUBSTANTIAL = 0.1
 DETECTED_DICE = 0.5
-
-
-def _surface_distances(a: np.ndarray, b: np.ndarray, spacing_zyx) -> np.ndarray:
-    def surface(mask):
-        image = sitk.GetImageFromArray(mask.astype(np.uint8))
-        image.SetSpacing(tuple(reversed(spacing_zyx)))
-        return image, sitk.GetArrayFromImage(sitk.LabelContour(image)) > 0
-
-    image_a, surface_a = surface(a)
-    image_b, surface_b = surface(b)
-    to_b = np.abs(sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(image_b, squaredDistance=False,
-                                                                       useImageSpacing=True, insideIsPositive=False)))
-    to_a = np.abs(sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(image_a, squaredDistance=False,
-                                                                       useImageSpacing=True, insideIsPositive=False)))
-    return np.concatenate([to_b[surface_a], to_a[surface_b]])
-
-
-def hd95(a: np.ndarray, b: np.ndarray, spacing_zyx) -> float:
-    distances = _surface_distances(a, b, spacing_zyx)
-    return float(np.percentile(distances, 95)) if len(distances) else float("nan")
 
 
 def score_vertebrae(reference: np.ndarray, prediction: np.ndarray, spacing_zyx) -> dict:

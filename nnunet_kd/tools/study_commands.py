@@ -63,6 +63,14 @@ def study_report_command(args: argparse.Namespace) -> None:
         print(study_tables(source), end="")
 
 
+def study_lesions_command(args: argparse.Namespace) -> None:
+    from nnunet_kd.tools.study_lesions import CSV_FILE, write_lesion_report
+
+    report = write_lesion_report(Path(args.study), args.label)
+    print(report.read_text(), end="")
+    print(f"written: {report} and {report.parent / CSV_FILE}")
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """study, study-compare and study-report."""
     p = sub.add_parser("study", help="does KD pay off? every trainer on the same seeds, paired with the no-KD "
@@ -118,3 +126,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="copy the study's plan and per-case Dice (a few kB) to DIR with the recomputed tables, so that "
                         "a published table can be recomputed without the runs")
     p.set_defaults(func=study_report_command)
+
+    p = sub.add_parser("study-lesions", help="a study's test-set predictions scored as a lesion reader would: false-"
+                                             "positive volume on lesion-free slices, HD95, missed lesions; KD against "
+                                             "the baseline, paired by seed and case")
+    p.add_argument("study", help="study folder (nnunet_kd study -o, run with --test-images and --test-labels)")
+    p.add_argument("--label", type=int, default=1, help="the lesion's label value (default: %(default)s)")
+    p.set_defaults(func=study_lesions_command)

@@ -21,6 +21,8 @@
 #   validation plus the 20 test cases of one full-width model about 6 min. So a 40x50 run takes about 2-2.5 hours at
 #   full width on 2 CPU cores, the teacher's 60x50 about 3.5, and the core about 35-45 hours: a GPU's work, or many
 #   sessions (nnU-Net keeps checkpoint_latest every 50 epochs, so a stopped run loses up to 50 epochs).
+# Every study gets `nnunet_kd study-lesions` beside its Dice report: false-positive volume on lesion-free slices, the
+#   share of lesion-free slices with any, HD95 and missed lesions per case and run (lesions.md, per_case_lesions.csv).
 # Re-running continues where it stopped; seeds run in turn, each in every study, so that what has finished is paired.
 # A CPU check of the whole chain: SEEDS="0" TEACHER_SCHEDULE=debug EPOCHS=1 ITERATIONS=2 \
 #   bash setup_scripts/studies/study_lgg_modalities.sh SHARED_DATA_DIR /tmp/lgg_check
@@ -72,6 +74,9 @@ students() {  # students(channels, student plans, name, seeds): plain + stored-t
   step "$3, seeds$4: Barlow Twins (the plain runs copied)"
   study "$1" "$2" "$work/study_${3}_bt" "$4" --trainers nnUNetTrainerStudent nnUNetTrainerKDBarlowTwins \
     --baseline-from "$work/study_${3}_kd" --time-cases "$5"
+  for kind in kd bt; do  # what a glioma reader looks at beside Dice: FP volume on lesion-free slices, HD95
+    nnunet_kd study-lesions "$work/study_${3}_$kind" --label 1 > "$work/logs/lesions_${3}_$kind.log"
+  done
 }
 
 done_seeds=""
@@ -95,4 +100,5 @@ fi
 step DONE
 for study_folder in "$work"/study_*; do
   [ -f "$study_folder/report.md" ] && { echo "== $study_folder"; cat "$study_folder/report.md"; }
+  if [ -f "$study_folder/lesions.md" ]; then cat "$study_folder/lesions.md"; fi
 done
