@@ -7,7 +7,7 @@ import pytest
 from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
 from nnunet_kd.core.settings import KDConfigurationError
-from nnunet_kd.data.holdout import write_holdout_dataset
+from nnunet_kd.data.holdout import case_groups, grouped_splits, write_grouped_splits, write_holdout_dataset
 from nnunet_kd.data.synthetic import SyntheticSpec, write_dataset
 from nnunet_kd.data.synthetic_multimodal import write_multimodal_dataset
 from nnunet_kd.tools.cli import main
@@ -63,3 +63,57 @@ def test_an_id_in_use_is_refused_and_nothing_is_written(raw, capsys):
     assert main(["holdout", "910", "--test-cases", "2", "--dataset-id", "911", "--name", "New"]) == 2
     assert "Dataset911_Other exists" in capsys.readouterr().err
     assert not (raw / "Dataset911_New").exists() and not any((raw / "Dataset911_Other").iterdir())
+
+
+# ---- cases of one patient (ACDC: two cardiac phases per heart) ----
+PATIENT = r"(patient\d+)_"
+
+
+def _acdc_like(tmp_path, patients: int = 6):
+    """The generated dataset with its cases renamed patientNNN_frame01 / _frame02, two per patient."""
+    source = write_dataset(tmp_path / "raw", 900, spec=SyntheticSpec(shape=(8, 12, 12), num_training=2 * patients,
+                                                                      num_test=1))
+    for index in range(2 * patients):
+        new = f"patient{index // 2:03d}_frame{index % 2 + 1:02d}"
+        (source / "labelsTr" / f"case_{index:03d}.nii.gz").rename(source / "labelsTr" / f"{new}.nii.gz")
+        (source / "imagesTr" / f"case_{index:03d}_0000.nii.gz").rename(source / "imagesTr" / f"{new}_0000.nii.gz")
+    return source
+
+
+def test_a_patient_is_held_out_whole(tmp_path, monkeypatch, capsys):
+    source = _acdc_like(tmp_path)
+    monkeypatch.setenv("nnUNet_raw", str(source.parent))
+    assert main(["holdout", "900", "--test-cases", "3", "--dataset-id", "901", "--group-pattern", PATIENT]) == 0
+    held_out = source.parent / "Dataset901_KDSyntheticHoldout3"
+    test, training = _cases(held_out / "labelsTs"), _cases(held_out / "labelsTr")
+    assert len(test) == 4 and len(training) == 8  # two whole patients: at least the 3 cases asked for
+    assert not {c.split("_")[0] for c in test} & {c.split("_")[0] for c in training}
+    dataset_json = json.loads((held_out / "dataset.json").read_text())
+    assert dataset_json["held_out_groups"] == sorted({c.split("_")[0] for c in test})
+    verify_dataset_integrity(str(held_out), num_processes=1)
+
+
+def test_folds_keep_a_patient_together_and_validate_every_case_once():
+    cases = [f"patient{p:03d}_frame{f:02d}" for p in range(12) for f in (1, 12)]
+    splits = grouped_splits(cases, PATIENT)
+    assert len(splits) == 5 and splits == grouped_splits(cases, PATIENT)  # seeded, as nnU-Net's own split
+    assert sorted(c for split in splits for c in split["val"]) == sorted(cases)
+    for split in splits:
+        assert sorted(split["train"] + split["val"]) == sorted(cases)
+        assert not {c[:10] for c in split["train"]} & {c[:10] for c in split["val"]}
+
+
+def test_grouped_splits_are_written_once_and_other_folds_are_refused(tmp_path):
+    cases = [f"patient{p:03d}_frame{f:02d}" for p in range(10) for f in (1, 2)]
+    path = write_grouped_splits(tmp_path, cases, PATIENT)
+    assert json.loads(path.read_text()) == grouped_splits(cases, PATIENT)
+    assert write_grouped_splits(tmp_path, cases, PATIENT) == path  # the same folds: kept
+    path.write_text(json.dumps(grouped_splits(cases, None)))  # as nnU-Net writes it: by case
+    with pytest.raises(KDConfigurationError, match="exists with other folds"):
+        write_grouped_splits(tmp_path, cases, PATIENT)
+
+
+@pytest.mark.parametrize("pattern, message", [("patient\\d+_", "no capture group"), (r"(case_\d+)", "does not match")])
+def test_a_pattern_that_cannot_group_every_case_is_refused(pattern, message):
+    with pytest.raises(KDConfigurationError, match=message):
+        case_groups(["patient001_frame01", "patient001_frame02"], pattern)

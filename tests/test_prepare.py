@@ -70,3 +70,36 @@ def test_a_folder_without_a_dataset_id_is_refused_with_the_fix(tmp_path, monkeyp
     assert main(["prepare", str(unnamed), "-c", "2d"]) == 2
     assert "pass --dataset-id" in capsys.readouterr().err
     assert not (tmp_path / "raw").exists() or not any((tmp_path / "raw").iterdir())
+
+
+@pytest.mark.e2e
+def test_cases_of_one_patient_stay_together_in_the_test_set_and_in_nnunets_folds(tmp_path):
+    from conftest import REPO
+
+    source = write_dataset(tmp_path / "generated", 900, spec=SyntheticSpec(shape=(8, 16, 16), num_training=16,
+                                                                           num_test=0))
+    for index in range(16):  # two phases per heart, as ACDC names them
+        new = f"patient{index // 2:03d}_frame{index % 2 + 1:02d}"
+        (source / "labelsTr" / f"case_{index:03d}.nii.gz").rename(source / "labelsTr" / f"{new}.nii.gz")
+        (source / "imagesTr" / f"case_{index:03d}_0000.nii.gz").rename(source / "imagesTr" / f"{new}_0000.nii.gz")
+    env = {**os.environ, "nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "preprocessed"),
+           "nnUNet_results": str(tmp_path / "results"), "nnUNet_def_n_proc": "1",
+           "nnUNet_extTrainer": str(REPO / "trainers")}
+    prepared = subprocess.run([sys.executable, "-m", "nnunet_kd.tools.cli", "prepare", str(source), "-c", "2d",
+                               "--holdout", "3", "--holdout-id", "901", "--group-pattern", r"(patient\d+)_", "-np",
+                               "1"], env=env, capture_output=True, text=True, timeout=600)
+    assert prepared.returncode == 0, prepared.stderr + prepared.stdout
+    name = "Dataset901_KDSyntheticHoldout3"
+    test = sorted(p.name[:10] for p in (tmp_path / "raw" / name / "labelsTs").iterdir())
+    assert len(test) == 4 and len(set(test)) == 2  # two whole hearts
+    splits = json.loads((tmp_path / "preprocessed" / name / "splits_final.json").read_text())
+    assert len(splits) == 5 and all(not {c[:10] for c in s["train"]} & {c[:10] for c in s["val"]} for s in splits)
+    # nnU-Net validates fold 0 on exactly these cases
+    trained = subprocess.run([str(Path(sys.executable).parent / "nnUNetv2_train"), "901", "2d", "0", "-tr",
+                              "nnUNetTrainer_debug", "-device", "cpu"], env={**env, "nnUNet_n_proc_DA": "0"},
+                             capture_output=True, text=True, timeout=900)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    summary = json.loads((tmp_path / "results" / name / "nnUNetTrainer_debug__nnUNetPlans__2d" / "fold_0" /
+                          "validation" / "summary.json").read_text())
+    validated = sorted(Path(c["reference_file"]).name.removesuffix(".nii.gz") for c in summary["metric_per_case"])
+    assert validated == sorted(splits[0]["val"])

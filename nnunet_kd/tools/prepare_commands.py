@@ -63,7 +63,7 @@ def _run(command: list[str], log: Path | None = None) -> None:
 
 
 def prepare_command(args: argparse.Namespace) -> None:
-    from nnunet_kd.data.holdout import write_holdout_dataset
+    from nnunet_kd.data.holdout import labelled_cases, write_grouped_splits, write_holdout_dataset
     from nnunet_kd.students.plans import make_student_plans, with_batch_size, write_plans
 
     raw = Path(_raw_folder(None))
@@ -77,7 +77,8 @@ def prepare_command(args: argparse.Namespace) -> None:
         source_name, number = name, args.holdout_id
         name = f"Dataset{number:03d}_{_holdout_name(source_name, args.holdout)}"
         if not (raw / name / "dataset.json").is_file():
-            split = write_holdout_dataset(raw / source_name, raw / name, args.holdout, args.holdout_seed)
+            split = write_holdout_dataset(raw / source_name, raw / name, args.holdout, args.holdout_seed,
+                                          args.group_pattern)
             print(f"held out {len(split['test'])} labelled cases of {source_name}: {raw / name}/imagesTs, labelsTs")
     preprocessed = Path(os.environ["nnUNet_preprocessed"]) / name
     missing = [c for c in args.configurations if not (preprocessed / f"nnUNetPlans_{c}").is_dir()]
@@ -86,6 +87,9 @@ def prepare_command(args: argparse.Namespace) -> None:
         log = preprocessed / "plan_and_preprocess.log"
         _run(["nnUNetv2_plan_and_preprocess", "-d", str(number), "-c", *missing, "--verify_dataset_integrity",
               "-npfp", str(args.processes), "-np", str(args.processes)], log)
+    if args.group_pattern:
+        splits = write_grouped_splits(preprocessed, labelled_cases(raw / name), args.group_pattern)
+        print(f"folds by group ({args.group_pattern}): {splits}")
     folder, plans = read_plans(str(number), "nnUNetPlans")
     if args.batch_size:
         plans = with_batch_size(plans, args.configurations, args.batch_size)
@@ -188,7 +192,7 @@ def holdout_command(args: argparse.Namespace) -> None:
     source = dataset_name(args.dataset)
     name = args.name or _holdout_name(source, args.test_cases)
     destination = raw / f"Dataset{args.dataset_id:03d}_{name}"
-    split = write_holdout_dataset(raw / source, destination, args.test_cases, args.seed)
+    split = write_holdout_dataset(raw / source, destination, args.test_cases, args.seed, args.group_pattern)
     print(f"wrote {destination}: {len(split['training'])} training cases (imagesTr), {len(split['test'])} held-out "
           f"test cases (imagesTs, labelsTs)")
     print(f"next: nnUNetv2_plan_and_preprocess -d {args.dataset_id}; test with nnunet_kd study ... "
@@ -247,6 +251,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="hold out N labelled cases as a test set outside every fold (a new dataset, --holdout-id)")
     p.add_argument("--holdout-id", type=int, default=None, help="id of the dataset without the held-out cases")
     p.add_argument("--holdout-seed", type=int, default=0)
+    p.add_argument("--group-pattern", default=None, metavar="REGEX",
+                   help="cases of one patient stay together, in the held-out set and in every fold (nnU-Net's "
+                        "splits_final.json): a regular expression whose first group names the patient, matched at "
+                        "the start of the case name (ACDC: '(patient\\d+)_')")
     p.add_argument("--batch-size", type=int, default=None,
                    help="a plans variant with this batch (e.g. 32 for 2d on a CPU); the students derive from it")
     p.add_argument("--widths", type=float, nargs="+", default=None, metavar="W",
@@ -316,6 +324,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-cases", type=int, required=True, help="labelled cases to hold out")
     p.add_argument("--dataset-id", type=int, required=True, help="id of the new dataset")
     p.add_argument("--seed", type=int, default=0, help="seed of the draw (default: 0)")
+    p.add_argument("--group-pattern", default=None, metavar="REGEX",
+                   help="hold out whole groups (patients): a regular expression whose first group names the patient, "
+                        "e.g. '(patient\\d+)_' (splits by patient: nnunet_kd prepare --group-pattern)")
     p.add_argument("--name", default=None, help="name of the new dataset (default: <source name>Holdout<N>)")
     p.add_argument("--raw", default=None, help="raw data folder (default: $nnUNet_raw)")
     p.set_defaults(func=holdout_command)
