@@ -11,7 +11,8 @@
 #   WORKDIR          nnU-Net folders, logs and one study per width (default: study_acdc)
 # Environment (defaults in brackets): STAGE [core]; WIDTHS ["0.25 0.0625 0.125 0.5"] (the core's order: the sizes
 #   that answer most first); SEEDS ["0 1 2 3 4"]; EPOCHS [40] x ITERATIONS [50] for the students;
-#   TEACHER_SCHEDULE [60x50]; BATCH [12]; DEVICE [cpu].
+#   TEACHER_SCHEDULE [60x50]; BATCH [12]; DEVICE [cpu]; TARGETS_RUNTIME [torch]: openvino runs the ensemble's targets
+#   on the CPU 3.3x faster per case (measured on Hippocampus 2d, docs/stored-targets.md), within float rounding.
 # Runs: the teacher's 5 folds, the ensemble's targets (100 training cases x 5 folds x 4 mirrored passes), then per
 #   width 5 seeds x 2 trainers (core: 40 student runs), STAGE=all + 2 widths x 5 seeds x 2 trainers (20).
 # Sizes (2d, 256x224 patches, as nnU-Net plans ACDC): teacher 20,621,076 parameters; w0.5 5,160,340; w0.25
@@ -19,7 +20,10 @@
 # Timing (2026-12-07, 2-core Intel Xeon, the CPU check below): prepare 56 s; the full-width teacher's epoch of 3
 #   training and 2 validation iterations at batch 12 29-31 s (about 8 s per training iteration), its final validation
 #   of a fold (about 20 cases, mirrored) about 4 min. So a 60x50 teacher fold takes about 7 hours on 2 CPU cores and
-#   the five about 35: a GPU's work (DEVICE=cuda runs the same script), or many sessions.
+#   the five about 35: a GPU's work (DEVICE=cuda runs the same script), or many sessions. The ensemble's targets (5
+#   folds x 4 mirrored passes, torch) took 270 s for the first case beside another training run: hours for the 100.
+# The check below ran through preparing, the grouped folds and the five teacher folds (debug, 6-12 min each with
+#   their validation), and was stopped in the ensemble's targets.
 # Each study reports per-class test Dice, the paired interval, parameters, FLOPs per tile and CPU seconds per case;
 #   `nnunet_kd study-compare` pairs any two of them.
 # Re-running continues where it stopped; seeds run in turn at every width, so that what has finished is paired.
@@ -58,7 +62,7 @@ if [ ! -f "$nnUNet_preprocessed/$dataset/kd_targets/$targets/manifest.json" ] ||
    ! grep -q '"finished"' "$nnUNet_preprocessed/$dataset/kd_targets/$targets/manifest.json"; then
   step "the 5-fold ensemble's stored targets, mirroring as nnU-Net predicts"
   nnunet_kd teacher-targets $id -c 2d -p "$plans" --teacher "$teacher" -f 0 1 2 3 4 -device "$device" \
-    > "$work/logs/targets.log" 2>&1
+    --runtime "${TARGETS_RUNTIME:-torch}" --name "$targets" > "$work/logs/targets.log" 2>&1
 fi
 
 test_set=(--test-images "$nnUNet_raw/$dataset/imagesTs" --test-labels "$nnUNet_raw/$dataset/labelsTs")
