@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -114,13 +115,15 @@ def write_holdout_dataset(source: str | Path, destination: str | Path, num_test_
     if destination.exists() or same_id:
         raise KDConfigurationError(f"{(same_id or [destination])[0]} exists: choose another dataset id (nnU-Net "
                                    f"needs one folder per id) or remove it first.")
+    drawn: list[str] = []
     if group_pattern is None:  # the draw every held-out dataset so far was made with
-        test = drawn = sorted(np.random.default_rng(seed).choice(cases, num_test_cases, replace=False).tolist())
+        test = sorted(np.random.default_rng(seed).choice(cases, num_test_cases, replace=False).tolist())
     else:
-        groups, drawn = case_groups(cases, group_pattern), []
-        names = sorted(set(groups.values()))
+        groups = case_groups(cases, group_pattern)
+        sizes = Counter(groups.values())
+        names = sorted(sizes)
         for index in np.random.default_rng(seed).permutation(len(names)):
-            if sum(groups[c] in drawn for c in cases) >= num_test_cases:
+            if sum(sizes[name] for name in drawn) >= num_test_cases:
                 break
             drawn.append(names[index])
         test = sorted(c for c in cases if groups[c] in drawn)

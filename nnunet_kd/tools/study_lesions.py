@@ -110,12 +110,12 @@ def lesion_report(rows: list[dict], trainers: list[str], label: int) -> str:
     for model, seeds in seeds_of.items():
         if not seeds:
             continue
-        per_seed = {score: [float(np.nanmean(_matrix(rows, model, score, [seed], cases))) for seed in seeds]
-                    for score in ("dice", "fp_ml_lesion_free_slices", "hd95_mm")}
-        share = [float(_matrix(rows, model, "lesion_free_slices_with_fp", [s], cases).sum()
-                       / max(_matrix(rows, model, "lesion_free_slices", [s], cases).sum(), 1)) for s in seeds]
-        missed = np.mean([_matrix(rows, model, "missed", [s], cases).sum() for s in seeds])
-        alarms = np.mean([_matrix(rows, model, "false_alarm", [s], cases).sum() for s in seeds])
+        scores = {score: _matrix(rows, model, score, seeds, cases) for score in SCORES}  # seeds x cases each
+        with np.errstate(all="ignore"):  # HD95 of a seed whose every case is undefined: NaN, shown as "-"
+            per_seed = {score: list(np.nanmean(scores[score], axis=1))
+                        for score in ("dice", "fp_ml_lesion_free_slices", "hd95_mm")}
+        share = list(scores["lesion_free_slices_with_fp"].sum(1) / np.maximum(scores["lesion_free_slices"].sum(1), 1))
+        missed, alarms = scores["missed"].sum(1).mean(), scores["false_alarm"].sum(1).mean()
         name = f"{model} (baseline)" if model == trainers[0] else model
         lines.append(f"| {name} | {len(seeds) if model != TEACHER else '-'} | {_mean_over_seeds(per_seed['dice'])} | "
                      f"{_mean_over_seeds(per_seed['fp_ml_lesion_free_slices'])} | {_mean_over_seeds(share)} | "
