@@ -10,11 +10,12 @@ from conftest import DATASET_ID, STUDENT_PLANS
 from nnunet_kd.core.checkpoints import load_checkpoint
 
 
-def _study(workspace, teacher_3d, output, *extra, seeds=("0", "1"), check=True):
+def _study(workspace, teacher_3d, output, *extra, seeds=("0", "1"), check=True,
+           trainers=("nnUNetTrainerStudent", "nnUNetTrainerKDLogits")):
     """The plain student and KDLogits on the test set, 2 epochs of 2 iterations."""
     return workspace.run(
         "nnunet_kd", "study", str(DATASET_ID), "-c", "3d_fullres", "-p", STUDENT_PLANS, "--teacher", teacher_3d.name,
-        "--trainers", "nnUNetTrainerStudent", "nnUNetTrainerKDLogits", "--seeds", *seeds,
+        "--trainers", *trainers, "--seeds", *seeds,
         "--epochs", "2", "--iterations", "2", "--val-iterations", "1", "--device", "cpu", "--time-cases", "0",
         "--test-images", str(workspace.raw / "imagesTs"), "--test-labels", str(workspace.raw / "labelsTs"),
         "-o", str(output), *extra, check=check)
@@ -178,16 +179,25 @@ def test_study_runs_kd_from_stored_targets_on_the_plain_runs_of_another_and_comp
     assert not (tmp_path / "longer").exists()
 
 
-def test_study_tests_the_teacher_as_its_targets_store_it_an_ensemble_without_mirroring(
+def test_a_study_of_one_trainer_tests_the_teacher_as_its_targets_store_it_and_pairs_with_another(
         workspace, teacher_3d, stored_target_study, tmp_path):
+    """KDLogits alone from an ensemble's targets (no plain runs: they would be the other study's), its teacher row the
+    ensemble without mirroring, and `study-compare` pairing it with the fold-0 targets' study."""
     workspace.run("nnunet_kd", "teacher-targets", str(DATASET_ID), "-c", "3d_fullres", "--teacher", teacher_3d.name,
                   "-f", "0", "1", "--disable_tta", "-device", "cpu")
     study = tmp_path / "study"
-    _study(workspace, teacher_3d, study, "--teacher-targets", f"{teacher_3d.name}__f0-1__nomirror",
-           "--baseline-from", str(stored_target_study[0]), seeds=("0",))
+    stdout = _study(workspace, teacher_3d, study, "--teacher-targets", f"{teacher_3d.name}__f0-1__nomirror",
+                    seeds=("0",), trainers=("nnUNetTrainerKDLogits",)).stdout
+    assert "run 1 of 1" in stdout and "nnUNetTrainerStudent" not in stdout
     teacher = study / "predictions" / "teacher"
     assert json.loads((teacher / "teacher.json").read_text()) == {"folds": [0, 1], "mirroring": False}
-    assert "folds 0, 1 (ensemble), without mirroring" in (study / "report.md").read_text()
+    report = (study / "report.md").read_text()
+    assert "folds 0, 1 (ensemble), without mirroring" in report
+    assert "one trainer, `nnUNetTrainerKDLogits`, no baseline here" in report and "(baseline)" not in report
+    assert "| nnUNetTrainerKDLogits | 1 |" in report and "KD against the baseline" not in report
+    table = workspace.run("nnunet_kd", "study-compare", str(stored_target_study[0]), str(study)).stdout
+    assert "teacher_targets" in table and "__f0-1__nomirror" in table
+    assert "| nnUNetTrainerKDLogits | test | 1 |" in table
     # the same prediction as the stock command for that ensemble
     expected = tmp_path / "expected"
     workspace.run("nnUNetv2_predict", "-i", str(workspace.raw / "imagesTs"), "-o", str(expected), "-d",

@@ -31,6 +31,7 @@ def _make_study(root: Path, dice: dict[tuple[str, int], float], tested: set[tupl
     (teacher / "dataset.json").parent.mkdir(parents=True)
     (teacher / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "structure": 1}}))
     _summary(teacher / "fold_0" / "validation" / "summary.json", [0.9] * 6, "val")
+    torch.save({"network_weights": {"w": torch.zeros(40)}}, teacher / "fold_0" / "checkpoint_final.pth")
     plan = StudyPlan(dataset="Dataset999_X", configuration="2d", plans="P", teacher=str(teacher),
                      trainers=(BASELINE, KD), seeds=(0, 1), num_epochs=2, iterations_per_epoch=3,
                      test_images=str(root / "imagesTs"), test_labels=str(root / "labelsTs"))
@@ -39,7 +40,8 @@ def _make_study(root: Path, dice: dict[tuple[str, int], float], tested: set[tupl
     for (trainer, seed), value in dice.items():
         run = Run(seed, trainer, study, plan)
         run.fold_folder.mkdir(parents=True)
-        torch.save({"logging": {"ema_fg_dice": [0.5, 0.8, 0.8]}}, run.fold_folder / "checkpoint_final.pth")
+        torch.save({"network_weights": {"w": torch.zeros(10)}, "logging": {"ema_fg_dice": [0.5, 0.8, 0.8]}},
+                   run.fold_folder / "checkpoint_final.pth")
         _summary(run.validation_summary, [value + 0.01 * i for i in range(6)], "val")
         if (trainer, seed) in tested:
             _summary(run.test_predictions / "summary.json", [value - 0.1 + 0.01 * i for i in range(6)], "test")
@@ -70,7 +72,9 @@ def test_published_csv_recomputes_the_tables_and_the_comparison(tmp_path, capsys
     tables = study_tables(study)
     published = tmp_path / "published"
     assert main(["study-report", str(study), "--publish", str(published)]) in (0, None)
-    assert sorted(p.name for p in published.iterdir()) == ["per_case_dice.csv", STUDY_FILE, "tables.md"]
+    assert sorted(p.name for p in published.iterdir()) == ["models.json", "per_case_dice.csv", STUDY_FILE, "tables.md"]
+    assert json.loads((published / "models.json").read_text()) == {
+        "parameters": {"teacher": 40, BASELINE: 10, KD: 10}, "teacher_as_learned": None}
     assert (published / "tables.md").read_text() == tables == study_tables(published)
     capsys.readouterr()
     assert main(["study-report", str(published)]) in (0, None)

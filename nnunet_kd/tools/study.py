@@ -6,6 +6,8 @@ set, if given, is predicted with the stock `nnUNetv2_predict` and scored with nn
 results folder of its own (`<study>/runs/seed_<s>` is `nnUNet_results` for its runs), so runs of different seeds
 never share a model folder. Re-running continues: finished runs are skipped, interrupted ones resume with `--c`.
 The report (`nnunet_kd.tools.study_report`) compares every KD trainer with the baseline, seed by seed and case by case.
+A study of one trainer has no baseline: it is one side of a comparison that `nnunet_kd study-compare` makes with another
+study of the same runs but one setting (e.g. students of the 5-fold ensemble's targets against fold 0's).
 """
 from __future__ import annotations
 
@@ -293,9 +295,8 @@ def check_inputs(plan: StudyPlan) -> None:
     for folder in (plan.test_images, plan.test_labels):
         if folder is not None and not Path(folder).is_dir():
             raise KDConfigurationError(f"Test folder {folder} not found.")
-    if len(set(plan.trainers)) != len(plan.trainers) or len(plan.trainers) < 2:
-        raise KDConfigurationError(f"Give a baseline and at least one other trainer, each once; got "
-                                   f"{list(plan.trainers)}.")
+    if len(set(plan.trainers)) != len(plan.trainers):
+        raise KDConfigurationError(f"Give each trainer once (the first is the baseline); got {list(plan.trainers)}.")
     _check_trainer_classes([plan.trainer_class(t) for t in plan.trainers])
 
 
@@ -400,8 +401,9 @@ def run_study(plan: StudyPlan, study: Path, jobs: int = 1, baseline_from: Path |
               flush=True)
     runs = plan_runs(plan, study)
     progress = Progress(len(runs), jobs)
-    print(f"study of {len(plan.trainers)} trainers x {len(plan.seeds)} seeds in {study} (baseline: {plan.trainers[0]})",
-          flush=True)
+    compared = (f"baseline: {plan.trainers[0]}" if len(plan.trainers) > 1 else
+                "one trainer: `nnunet_kd study-compare` pairs it with another study")
+    print(f"study of {len(plan.trainers)} trainer(s) x {len(plan.seeds)} seeds in {study} ({compared})", flush=True)
 
     def complete(index: int, run: Run) -> None:
         what = f"seed {run.seed}, {plan.trainer_class(run.trainer)}"

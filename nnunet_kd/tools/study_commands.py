@@ -1,4 +1,5 @@
-"""Commands of the KD study: run one (paired seeds), compare two, and recompute a report from per-case Dice."""
+"""Commands of the KD study: run one (paired seeds), compare two, recompute a report from per-case Dice, and draw
+Dice against student size over several."""
 from __future__ import annotations
 
 import argparse
@@ -58,9 +59,24 @@ def study_report_command(args: argparse.Namespace) -> None:
     if args.publish:
         tables = publish(source, Path(args.publish))
         print(tables.read_text(), end="")
-        print(f"published: {tables.parent} (study.json, per_case_dice.csv, {tables.name})")
+        print(f"published: {tables.parent} (study.json, per_case_dice.csv, models.json, {tables.name})")
     else:
         print(study_tables(source), end="")
+
+
+def study_curve_command(args: argparse.Namespace) -> None:
+    from nnunet_kd.tools.study_curve import CURVE_CSV, CURVE_FIGURE, study_curve
+
+    lines = {}
+    for item in args.line:
+        name, sep, summary = item.partition("=")
+        if not sep or not name or not Path(summary).is_file():
+            raise KDConfigurationError(f"--line {item}: give NAME=SUMMARY_JSON, an existing nnU-Net summary.json "
+                                       f"(e.g. \"5-fold ensemble=ensemble_predictions/summary.json\").")
+        lines[name] = Path(summary)
+    output = Path(args.output)
+    report = study_curve([Path(s) for s in args.studies], output, args.split, args.class_name, lines)
+    print(f"written: {report}, {output / CURVE_CSV}, {output / CURVE_FIGURE}")
 
 
 def study_lesions_command(args: argparse.Namespace) -> None:
@@ -81,7 +97,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", default=None, help="teacher model folder, absolute or under $nnUNet_results/<dataset> "
                                                    "(default: nnUNetTrainer__nnUNetPlans__<configuration>)")
     p.add_argument("--trainers", nargs="+", default=DEFAULT_STUDY_TRAINERS,
-                   help="trainers to compare; the first is the no-KD baseline (default: %(default)s)")
+                   help="trainers to compare; the first is the no-KD baseline; one trainer alone makes one side of "
+                        "a `study-compare` with another study (default: %(default)s)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the trainers' own)")
@@ -126,6 +143,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="copy the study's plan and per-case Dice (a few kB) to DIR with the recomputed tables, so that "
                         "a published table can be recomputed without the runs")
     p.set_defaults(func=study_report_command)
+
+    p = sub.add_parser("study-curve", help="Dice against student size, plain and KD with their intervals, from one "
+                                           "study per size; the teacher and other models as lines")
+    p.add_argument("studies", nargs="+", help="study folders or published copies, one student size each")
+    p.add_argument("-o", "--output", required=True, help="folder for curve.md, curve.csv and curve.png")
+    p.add_argument("--split", default="test", choices=["test", "validation"],
+                   help="the cases the curve is measured on (default: %(default)s)")
+    p.add_argument("--class", dest="class_name", default=None, metavar="NAME",
+                   help="a second panel for this class (dataset.json's name, e.g. MYO for ACDC's myocardium)")
+    p.add_argument("--line", action="append", default=[], metavar="NAME=SUMMARY_JSON",
+                   help="another model as a horizontal line: the summary.json of its nnUNetv2_predict output, "
+                        "scored on the same cases (repeatable)")
+    p.set_defaults(func=study_curve_command)
 
     p = sub.add_parser("study-lesions", help="a study's test-set predictions scored as a lesion reader would: false-"
                                              "positive volume on lesion-free slices, HD95, missed lesions; KD against "

@@ -116,7 +116,7 @@ def lesion_report(rows: list[dict], trainers: list[str], label: int) -> str:
                         for score in ("dice", "fp_ml_lesion_free_slices", "hd95_mm")}
         share = list(scores["lesion_free_slices_with_fp"].sum(1) / np.maximum(scores["lesion_free_slices"].sum(1), 1))
         missed, alarms = scores["missed"].sum(1).mean(), scores["false_alarm"].sum(1).mean()
-        name = f"{model} (baseline)" if model == trainers[0] else model
+        name = f"{model} (baseline)" if model == trainers[0] and len(trainers) > 1 else model
         lines.append(f"| {name} | {len(seeds) if model != TEACHER else '-'} | {_mean_over_seeds(per_seed['dice'])} | "
                      f"{_mean_over_seeds(per_seed['fp_ml_lesion_free_slices'])} | {_mean_over_seeds(share)} | "
                      f"{_mean_over_seeds(per_seed['hd95_mm'])} | {missed:g} / {alarms:g} |")

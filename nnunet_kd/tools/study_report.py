@@ -29,6 +29,8 @@ from nnunet_kd.tools.study_stats import PairedComparison, compare, few_seeds_not
 SPLITS = {"validation": "validation (fold {fold})", "test": "test set"}
 # the tables of a published study, as recomputed from its per-case Dice
 TABLES_FILE = "tables.md"
+# the parameters of the teacher and each trainer's student, and the teacher as the students learned from it
+MODELS_FILE = "models.json"
 
 
 @dataclass
@@ -222,7 +224,8 @@ def dice_and_comparison_tables(plan: StudyPlan, results: dict[str, TrainerResult
                 continue
             per_class = [_mean_sd([float(np.nanmean(s.dice[:, k])) for s in scores]) for k in range(len(classes))]
             mean = _mean_sd([float(np.nanmean(s.mean_per_case)) for s in scores])
-            lines.append(f"| {name}{' (baseline)' if name == baseline else ''} | {len(scores)} | "
+            marked = " (baseline)" if name == baseline and len(results) > 1 else ""
+            lines.append(f"| {name}{marked} | {len(scores)} | "
                          + " | ".join(per_class) + f" | {mean} |")
         lines.append("")
         if split not in compared:
@@ -254,7 +257,11 @@ def format_markdown(plan: StudyPlan, study: Path, results: dict[str, TrainerResu
     schedule = (f"named schedule `{plan.schedule}`" if plan.schedule else
                 f"{plan.num_epochs or 'default'} epochs x {plan.iterations_per_epoch or 'default'} iterations")
     lines = [f"# KD study: {plan.dataset}, {plan.configuration}, student plans `{plan.plans}`", "",
-             f"Teacher `{Path(plan.teacher).name}`; baseline (no KD) `{plan.trainers[0]}`; seeds {list(plan.seeds)}; "
+             f"Teacher `{Path(plan.teacher).name}`; "
+             + (f"baseline (no KD) `{plan.trainers[0]}`" if len(plan.trainers) > 1 else
+                f"one trainer, `{plan.trainers[0]}`, no baseline here (`nnunet_kd study-compare` pairs it with "
+                f"another study)")
+             + f"; seeds {list(plan.seeds)}; "
              f"{schedule}; fold {plan.fold}; device {plan.device}. Each seed starts every trainer from the same "
              f"initial student weights."
              + (f" The students see the channels {plan.student_channels} only; the teacher sees every channel."
@@ -434,15 +441,36 @@ def study_tables(source: Path, level: int = 4) -> str:
     return "\n".join(dice_and_comparison_tables(plan, results, teacher, compared, level)).rstrip() + "\n"
 
 
+def model_sizes(plan: StudyPlan, source: Path, results: dict[str, TrainerResult]) -> dict:
+    """{"parameters": {"teacher": n, <trainer>: n, ...}, "teacher_as_learned": {"folds", "mirroring"} or None}:
+    counted from the checkpoints of a study folder (the teacher's fold, each trainer's first seed), or read from the
+    `models.json` of a published copy."""
+    from nnunet_kd.core.checkpoints import count_weights, load_checkpoint
+
+    if (source / MODELS_FILE).is_file():
+        return json.loads((source / MODELS_FILE).read_text())
+    if not (source / "runs").is_dir():
+        raise KDConfigurationError(f"{source} has no {MODELS_FILE} (the model sizes): publish it again from its study "
+                                   f"folder (`nnunet_kd study-report STUDY --publish DIR`).")
+    folders = {"teacher": Path(plan.teacher) / f"fold_{plan.fold}"}
+    folders.update({name: Run(result.seeds[0], name, source.resolve(), plan).fold_folder
+                    for name, result in results.items() if result.seeds})
+    record = source / "predictions" / "teacher" / TEST_TEACHER_FILE
+    return {"parameters": {name: count_weights(load_checkpoint(folder / "checkpoint_final.pth")["network_weights"])
+                           for name, folder in folders.items()},
+            "teacher_as_learned": json.loads(record.read_text()) if record.is_file() else None}
+
+
 def publish(study: Path, destination: Path) -> Path:
-    """Copy what a published table is computed from (plan and per-case Dice, a few kB) out of a study folder, with the
-    tables as they are recomputed from the copy."""
+    """Copy what a published table is computed from (plan, per-case Dice and model sizes, a few kB) out of a study
+    folder, with the tables as they are recomputed from the copy."""
     import shutil
 
     plan, results, teacher = load_study(study)
     destination.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(study / STUDY_FILE, destination / STUDY_FILE)
     write_csv(destination / CSV_FILE, results, teacher)
+    (destination / MODELS_FILE).write_text(json.dumps(model_sizes(plan, study, results), indent=2) + "\n")
     (destination / TABLES_FILE).write_text(study_tables(destination))
     return destination / TABLES_FILE
 
@@ -458,7 +486,8 @@ def compare_studies(reference: Path, other: Path, trainers: list[str] | None = N
                                    f"of the same dataset, plans, fold and schedule.")
     differing = {k: (v, getattr(other_plan, k)) for k, v in vars(ref_plan).items()
                  if k not in (*PAIRING_FIELDS, "trainers", "seeds", "device") and getattr(other_plan, k) != v}
-    names = trainers or [t for t in other_plan.trainers[1:] if t in ref_plan.trainers]
+    # every KD trainer of `other` (its only trainer, in a study of one) that the reference has too
+    names = trainers or [t for t in other_plan.trainers[1:] or other_plan.trainers if t in ref_plan.trainers]
     lines = [f"Paired by seed and case: `{other}` minus `{reference}`. The studies differ in: "
              + (", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in differing.items()) or "nothing recorded") + ".", "",
              "| trainer | split | seeds | reference mean Dice | other mean Dice | Δ | 95 % CI | per seed Δ | claim | "

@@ -25,7 +25,8 @@
 # The check below ran through preparing, the grouped folds and the five teacher folds (debug, 6-12 min each with
 #   their validation), and was stopped in the ensemble's targets.
 # Each study reports per-class test Dice, the paired interval, parameters, FLOPs per tile and CPU seconds per case;
-#   `nnunet_kd study-compare` pairs any two of them.
+#   `nnunet_kd study-compare` pairs any two of them, and `nnunet_kd study-curve` draws them all against student size
+#   (WORKDIR/curve: curve.md, curve.csv, curve.png), with the ensemble and fold 0 as lines.
 # Re-running continues where it stopped; seeds run in turn at every width, so that what has finished is paired.
 # A CPU check of the whole chain: SEEDS="0" WIDTHS="0.0625" TEACHER_SCHEDULE=debug EPOCHS=1 ITERATIONS=2 \
 #   bash setup_scripts/studies/study_acdc_curve.sh SHARED_DATA_DIR /tmp/acdc_check
@@ -87,8 +88,21 @@ for seed in $seeds; do
     study "$width" "$done_seeds" "${trainers[@]}"
   done
 done
+# fold 0 of the teacher alone on the test set, mirrored: the single model the ensemble's line is compared with
+fold0=$work/teacher_fold0_test
+if [ ! -f "$fold0/summary.json" ]; then
+  step "the teacher's fold 0 on the test set (log: $work/logs/teacher_fold0_test.log)"
+  nnUNetv2_predict -i "$nnUNet_raw/$dataset/imagesTs" -o "$fold0" -d $id -c 2d -f 0 -tr "$teacher_trainer" \
+    -p "$plans" -device "$device" > "$work/logs/teacher_fold0_test.log" 2>&1
+  nnUNetv2_evaluate_folder "$nnUNet_raw/$dataset/labelsTs" "$fold0" -djfile "$fold0/dataset.json" \
+    -pfile "$fold0/plans.json" >> "$work/logs/teacher_fold0_test.log" 2>&1
+fi
 step DONE
 for width in $widths; do
   echo "== width $width"
   cat "$work/study_w$width/report.md"
 done
+# the figure: test Dice against parameters, plain and KD with their intervals; the myocardium alone in a second panel
+# shellcheck disable=SC2046  # one study folder per width
+nnunet_kd study-curve $(printf "$work/study_w%s " $widths) -o "$work/curve" --class MYO \
+  --line "teacher, fold 0, mirrored=$fold0/summary.json"
