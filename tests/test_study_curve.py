@@ -12,10 +12,11 @@ import torch
 
 from nnunet_kd.tools.cli import main
 from nnunet_kd.tools.study import Run, StudyPlan, save_or_check_plan
+from nnunet_kd.tools.study_curve import group_cases
 from nnunet_kd.tools.study_stats import compare, crossed_interval
 
 BASELINE, KD = "nnUNetTrainerStudent", "nnUNetTrainerKDLogits"
-CASES = [f"patient{i:03d}" for i in range(8)]
+CASES = [f"patient{i // 2:03d}_frame{i % 2:02d}" for i in range(8)]  # 4 patients x 2 frames, as ACDC
 LABELS = {"background": 0, "RV": 1, "MYO": 2}
 
 
@@ -104,7 +105,7 @@ def test_curve_gives_each_size_and_trainer_its_dice_interval_and_paired_differen
         assert row["claim"] == "no claim (3 seeds)"
         assert rows[study.name, BASELINE]["delta"] == ""  # the baseline has nothing to be paired with
     markdown = (tmp_path / "curve" / "curve.md").read_text()
-    assert "teacher, 5-fold ensemble, mirrored: mean Dice 0.900, MYO 0.900 (5,000 parameters)" in markdown
+    assert "teacher, 5-fold ensemble, mirrored: mean Dice 0.900, MYO 0.900 (5,000 parameters per network)" in markdown
     assert markdown.index("| study_100 |") < markdown.index("| study_1000 |")  # smallest first
     assert (tmp_path / "curve" / "curve.png").stat().st_size > 10_000
     assert "written:" in capsys.readouterr().out
@@ -147,3 +148,33 @@ def test_curve_draws_other_models_as_lines_and_refuses_what_it_cannot_draw(two_s
     assert main(["study-curve", str(tmp_path / "old_copy"), "-o", str(tmp_path / "refused")]) == 2
     assert "has no models.json" in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
+
+
+def test_cases_of_one_patient_are_averaged_before_the_interval_counts_them(two_sizes, tmp_path):
+    matrix = np.arange(16, dtype=float).reshape(2, 8)
+    assert group_cases(matrix, CASES, r"(patient\d+)_").tolist() == [[0.5, 2.5, 4.5, 6.5], [8.5, 10.5, 12.5, 14.5]]
+    small, large = two_sizes
+    main(["study-curve", str(small), str(large), "-o", str(tmp_path / "curve"), "--group-pattern", r"(patient\d+)_"])
+    row = _rows(tmp_path / "curve" / "curve.csv")[small.name, KD]
+    kd, base = (group_cases(_test_dice(small, t), CASES, r"(patient\d+)_") for t in (KD, BASELINE))
+    assert kd.shape == (3, 4)
+    assert (float(row["dice_low"]), float(row["dice_high"])) == pytest.approx(crossed_interval(kd), abs=1e-6)
+    assert (float(row["delta_low"]), float(row["delta_high"])) == pytest.approx(compare(kd, base).ci, abs=1e-6)
+    assert "case groups (`(patient\\d+)_`" in (tmp_path / "curve" / "curve.md").read_text()
+    assert main(["study-curve", str(small), "-o", str(tmp_path / "bad"), "--group-pattern", "(case\\d+)"]) == 2
+
+
+def test_on_the_validation_fold_the_teacher_line_is_that_fold_and_other_cases_are_refused(two_sizes, tmp_path,
+                                                                                           capsys):
+    small, large = two_sizes
+    main(["study-curve", str(small), "-o", str(tmp_path / "validation"), "--split", "validation"])
+    markdown = (tmp_path / "validation" / "curve.md").read_text()
+    assert "## Dice against student size, validation (fold 0)" in markdown
+    assert "- teacher, fold 0: mean Dice 0.880" in markdown and "ensemble" not in markdown
+    other = tmp_path / "other" / "summary.json"
+    _summary(other, np.full((len(CASES), 2), 0.8))
+    summary = json.loads(other.read_text())
+    summary["metric_per_case"] = summary["metric_per_case"][:-1]
+    other.write_text(json.dumps(summary))
+    assert main(["study-curve", str(small), "-o", str(tmp_path / "refused"), "--line", f"x={other}"]) == 2
+    assert "scored on 7 other cases than the studies' 8 test cases" in capsys.readouterr().err

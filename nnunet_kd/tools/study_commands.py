@@ -75,7 +75,8 @@ def study_curve_command(args: argparse.Namespace) -> None:
                                        f"(e.g. \"5-fold ensemble=ensemble_predictions/summary.json\").")
         lines[name] = Path(summary)
     output = Path(args.output)
-    report = study_curve([Path(s) for s in args.studies], output, args.split, args.class_name, lines)
+    report = study_curve([Path(s) for s in args.studies], output, args.split, args.class_name, lines,
+                         args.group_pattern)
     print(f"written: {report}, {output / CURVE_CSV}, {output / CURVE_FIGURE}")
 
 
@@ -155,6 +156,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--line", action="append", default=[], metavar="NAME=SUMMARY_JSON",
                    help="another model as a horizontal line: the summary.json of its nnUNetv2_predict output, "
                         "scored on the same cases (repeatable)")
+    p.add_argument("--group-pattern", default=None, metavar="REGEX",
+                   help="average the cases of one patient first (the regex's first group names it, e.g. "
+                        "'(patient\\d+)_' for ACDC's two frames per patient), so intervals count patients")
     p.set_defaults(func=study_curve_command)
 
     p = sub.add_parser("study-lesions", help="a study's test-set predictions scored as a lesion reader would: false-"

@@ -7,11 +7,18 @@ instead of a difference), the same for one class (e.g. ACDC's myocardium, where 
 each KD trainer's paired difference from the plain student of its study. The teacher as the students learned from it
 (each study's teacher row) and any other model (`--line NAME=summary.json`, an nnU-Net evaluation) are horizontal
 lines. Parameters are counted from the checkpoints (`models.json` in a published copy).
+
+Cases that are not independent, such as the end-diastolic and end-systolic frames of one ACDC patient, are averaged
+per group first (`group_pattern`, as `nnunet_kd prepare --group-pattern` holds them out together), so that the
+case part of an interval counts patients, not frames. Overlapping intervals of the plain and KD points of one size
+do not mean "no difference": the paired difference (Δ) is the comparison; the points' intervals carry the case-to-case
+spread that pairing removes.
 """
 from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,58 +60,81 @@ class ReferenceLine:
     parameters: int | None = None
 
 
+def group_cases(matrix: np.ndarray, cases: list[str], pattern: str | None) -> np.ndarray:
+    """`matrix[..., case]` averaged over the cases of each group (the first group of `pattern` in the case name, in
+    order of first appearance); unchanged without a pattern. Cases the pattern does not match are refused."""
+    if pattern is None:
+        return matrix
+    groups: dict[str, list[int]] = {}
+    for index, case in enumerate(cases):
+        found = re.search(pattern, case)
+        if found is None:
+            raise KDConfigurationError(f"--group-pattern {pattern!r} does not match the case {case}: give a regular "
+                                       f"expression whose first group names the patient, e.g. '(patient\\d+)_'.")
+        groups.setdefault(found.group(1) if found.groups() else found.group(0), []).append(index)
+    with np.errstate(all="ignore"):  # a group whose every case is NaN stays NaN (left out as a case would be)
+        return np.stack([np.nanmean(matrix[..., idx], axis=-1) for idx in groups.values()], axis=-1)
+
+
 def mean_with_interval(dice: np.ndarray) -> tuple[float, tuple[float, float] | None]:
     """Mean over seeds x cases (cases scored in every seed) and its crossed interval (None with one seed)."""
     complete, _ = complete_cases(dice)
     return float(np.mean(complete)), crossed_interval(dice)
 
 
-def _class_matrix(result: TrainerResult, split: str, class_index: int) -> np.ndarray:
-    scores = result.scores[split]
-    return np.stack([scores[s].dice[:, class_index] for s in sorted(scores)])
+def _class_index(scores: CaseScores, class_name: str, what: str) -> int:
+    if class_name not in scores.classes:
+        raise KDConfigurationError(f"--class {class_name}: {what} has the classes {scores.classes}.")
+    return scores.classes.index(class_name)
 
 
 def study_points(name: str, plan: StudyPlan, results: dict[str, TrainerResult], sizes: dict[str, int], split: str,
-                 class_name: str | None = None) -> list[CurvePoint]:
+                 class_name: str | None = None, group_pattern: str | None = None) -> list[CurvePoint]:
     """The curve's points of one study: every trainer with scores on `split`."""
     baseline = results[plan.trainers[0]]
     points = []
     for trainer, result in results.items():
-        if not result.scores.get(split):
+        per_seed = [result.scores[split][s] for s in sorted(result.scores.get(split, {}))]
+        if not per_seed:
             continue
-        dice = np.stack([result.scores[split][s].mean_per_case for s in sorted(result.scores[split])])
+        cases = per_seed[0].cases
+        dice = group_cases(np.stack([s.mean_per_case for s in per_seed]), cases, group_pattern)
         mean, ci = mean_with_interval(dice)
         class_mean = class_ci = None
         if class_name is not None:
-            classes = next(iter(result.scores[split].values())).classes
-            if class_name not in classes:
-                raise KDConfigurationError(f"--class {class_name}: {name} has the classes {classes}.")
-            class_mean, class_ci = mean_with_interval(_class_matrix(result, split, classes.index(class_name)))
+            k = _class_index(per_seed[0], class_name, name)
+            class_mean, class_ci = mean_with_interval(
+                group_cases(np.stack([s.dice[:, k] for s in per_seed]), cases, group_pattern))
         delta = delta_ci = None
         claim = ""
         if trainer != plan.trainers[0]:
             kd, base, seeds = _paired(baseline, result, split)
             if seeds:
-                paired = compare(kd, base)
+                paired = compare(group_cases(kd, cases, group_pattern), group_cases(base, cases, group_pattern))
                 delta, delta_ci, claim = paired.mean_difference, paired.ci, paired.claim
         points.append(CurvePoint(name, trainer, sizes[trainer], dice.shape[0], mean, ci, class_mean, class_ci,
                                  delta, delta_ci, claim))
     return points
 
 
-def reference_from_scores(name: str, scores: CaseScores, class_name: str | None,
-                          parameters: int | None = None) -> ReferenceLine:
-    classes = scores.class_means
-    return ReferenceLine(name, float(np.nanmean(scores.mean_per_case)),
-                         classes.get(class_name) if class_name is not None else None, parameters)
+def reference_from_scores(name: str, scores: CaseScores, class_name: str | None, parameters: int | None = None,
+                          group_pattern: str | None = None) -> ReferenceLine:
+    """One model's mean Dice (and the class's) on the cases, averaged per group first as the points are."""
+    with np.errstate(all="ignore"):
+        dice = float(np.nanmean(group_cases(scores.mean_per_case, scores.cases, group_pattern)))
+        class_dice = None if class_name is None else float(np.nanmean(group_cases(
+            scores.dice[:, _class_index(scores, class_name, name)], scores.cases, group_pattern)))
+    return ReferenceLine(name, dice, class_dice, parameters)
 
 
 def _interval(ci: tuple[float, float] | None) -> str:
     return "n/a (one seed)" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
-def format_markdown(points: list[CurvePoint], lines: list[ReferenceLine], split: str, class_name: str | None) -> str:
-    cases = SPLITS[split].format(fold="fold")
+def format_markdown(points: list[CurvePoint], lines: list[ReferenceLine], split: str, class_name: str | None,
+                    fold: int = 0, group_pattern: str | None = None) -> str:
+    """The curve's table, smallest student first, and its horizontal lines."""
+    cases = SPLITS[split].format(fold=fold)
     header = ["study", "model", "parameters", "seeds", "mean Dice", "95 % CI"]
     header += [f"{class_name} Dice", "95 % CI"] if class_name else []
     header += ["Δ vs plain", "95 % CI", "claim"]
@@ -118,10 +148,13 @@ def format_markdown(points: list[CurvePoint], lines: list[ReferenceLine], split:
         rows.append("| " + " | ".join(cells) + " |")
     references = [f"- {r.name}: mean Dice {r.dice:.3f}" + (f", {class_name} {r.class_dice:.3f}" if class_name and
                                                              r.class_dice is not None else "")
-                  + (f" ({r.parameters:,} parameters)" if r.parameters else "") for r in lines]
+                  + (f" ({r.parameters:,} parameters per network)" if r.parameters else "") for r in lines]
+    unit = f"case groups (`{group_pattern}`: cases averaged per group first)" if group_pattern else "cases"
     return "\n".join([f"## Dice against student size, {cases}", "",
-                      "Mean over seeds and cases; 95 % CI: seeds and cases crossed (`nnunet_kd/tools/study_stats.py`). "
-                      "Δ vs plain: the KD trainer minus its study's plain student, paired by seed and case.", "",
+                      f"Mean over seeds and {unit}; 95 % CI: seeds and {unit.split(' (')[0]} crossed "
+                      "(`nnunet_kd/tools/study_stats.py`). Δ vs plain: the KD trainer minus its study's plain "
+                      "student, paired by seed and case; it is the comparison (the points' intervals carry the "
+                      "case-to-case spread that pairing removes, so they overlap where Δ is clear).", "",
                       *rows, "", "Horizontal lines:", *references, ""])
 
 
@@ -174,29 +207,42 @@ def plot(path: Path, points: list[CurvePoint], lines: list[ReferenceLine], split
     plt.close(fig)
 
 
-def _teacher_name(info: dict) -> str:
-    learned = info.get("teacher_as_learned")
-    if not learned:
-        return "teacher"
+def _teacher_name(sizes: dict, split: str, fold: int) -> str:
+    """The teacher row as what it is: on the test set the teacher the students learned from (an ensemble, mirrored or
+    not), on the validation fold that fold's network."""
+    learned = sizes.get("teacher_as_learned")
+    if split != "test" or not learned:
+        return f"teacher, fold {fold}"
     folds = learned["folds"]
     return ("teacher, " + (f"{len(folds)}-fold ensemble" if len(folds) > 1 else f"fold {folds[0]}")
             + (", mirrored" if learned["mirroring"] else ", no mirroring"))
 
 
 def study_curve(studies: list[Path], output: Path, split: str = "test", class_name: str | None = None,
-                extra_lines: dict[str, Path] | None = None) -> Path:
-    """curve.csv, curve.md and curve.png of the studies (one student size each) in `output`."""
+                extra_lines: dict[str, Path] | None = None, group_pattern: str | None = None) -> Path:
+    """curve.csv, curve.md and curve.png of the studies (one student size each) in `output`. Every study and line is
+    scored on the same cases (refused otherwise)."""
+    names = [source.name for source in studies]
+    if len(set(names)) != len(names):
+        raise KDConfigurationError(f"Two studies share a folder name ({names}): the curve names its points by it; "
+                                   f"give folders of different names.")
     points: list[CurvePoint] = []
     lines: dict[str, ReferenceLine] = {}
+    cases = fold = None
     for source in studies:
         plan, results, teacher = load_study(source)
         if split not in teacher:
             raise KDConfigurationError(f"{source} has no {split} scores: run its study with --test-images and "
                                        f"--test-labels, or give --split validation.")
-        info = model_sizes(plan, source, results)
-        points += study_points(source.name, plan, results, info["parameters"], split, class_name)
-        name = _teacher_name(info)
-        line = reference_from_scores(name, teacher[split], class_name, info["parameters"].get("teacher"))
+        if cases is not None and (teacher[split].cases, plan.fold) != (cases, fold):
+            raise KDConfigurationError(f"{source} was scored on other {split} cases than {studies[0]}: a curve "
+                                       f"compares studies of one dataset, fold and test set.")
+        cases, fold = teacher[split].cases, plan.fold
+        sizes = model_sizes(plan, source, results)
+        points += study_points(source.name, plan, results, sizes["parameters"], split, class_name, group_pattern)
+        name = _teacher_name(sizes, split, plan.fold)
+        line = reference_from_scores(name, teacher[split], class_name, sizes["parameters"].get("teacher"),
+                                     group_pattern)
         if name in lines and abs(lines[name].dice - line.dice) > 1e-9:  # another teacher: a line of its own
             line = ReferenceLine(f"{name} ({source.name})", line.dice, line.class_dice, line.parameters)
         lines.setdefault(line.name, line)
@@ -206,11 +252,15 @@ def study_curve(studies: list[Path], output: Path, split: str = "test", class_na
         if not dataset_json.is_file():
             raise KDConfigurationError(f"--line {name}={summary}: no dataset.json beside it; give the summary.json "
                                        f"of an nnUNetv2_predict output folder.")
-        labels = json.loads(dataset_json.read_text())["labels"]
-        lines[name] = reference_from_scores(name, read_summary(Path(summary), labels), class_name)
+        scores = read_summary(Path(summary), json.loads(dataset_json.read_text())["labels"])
+        if scores.cases != cases or name in lines:
+            raise KDConfigurationError(f"--line {name}={summary}: " + (
+                "the name is taken by a line of the studies" if name in lines else
+                f"scored on {len(scores.cases)} other cases than the studies' {len(cases)} {split} cases"))
+        lines[name] = reference_from_scores(name, scores, class_name, group_pattern=group_pattern)
     output.mkdir(parents=True, exist_ok=True)
     write_csv(output / CURVE_CSV, points)
-    markdown = format_markdown(points, list(lines.values()), split, class_name)
+    markdown = format_markdown(points, list(lines.values()), split, class_name, fold, group_pattern)
     (output / CURVE_MARKDOWN).write_text(markdown)
     plot(output / CURVE_FIGURE, points, list(lines.values()), split, class_name)
     print(markdown, flush=True)

@@ -455,6 +455,11 @@ def model_sizes(plan: StudyPlan, source: Path, results: dict[str, TrainerResult]
     folders = {"teacher": Path(plan.teacher) / f"fold_{plan.fold}"}
     folders.update({name: Run(result.seeds[0], name, source.resolve(), plan).fold_folder
                     for name, result in results.items() if result.seeds})
+    missing = [str(folder / "checkpoint_final.pth") for folder in folders.values()
+               if not (folder / "checkpoint_final.pth").is_file()]
+    if missing:
+        raise KDConfigurationError(f"{source}: the model sizes come from the checkpoints, and these are missing: "
+                                   f"{', '.join(missing)}. Publish from the machine that holds the study's runs.")
     record = source / "predictions" / "teacher" / TEST_TEACHER_FILE
     return {"parameters": {name: count_weights(load_checkpoint(folder / "checkpoint_final.pth")["network_weights"])
                            for name, folder in folders.items()},

@@ -105,4 +105,4 @@ done
 # the figure: test Dice against parameters, plain and KD with their intervals; the myocardium alone in a second panel
 # shellcheck disable=SC2046  # one study folder per width
 nnunet_kd study-curve $(printf "$work/study_w%s " $widths) -o "$work/curve" --class MYO \
-  --line "teacher, fold 0, mirrored=$fold0/summary.json"
+  --group-pattern '(patient\d+)_' --line "teacher, fold 0, mirrored=$fold0/summary.json"
