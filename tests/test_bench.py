@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nnunet_kd.tools.bench_predict import parse_variants
+from nnunet_kd.core.settings import KDConfigurationError
+from nnunet_kd.tools.bench_predict import parse_variants, split_folds
 from nnunet_kd.tools.results import _gap_closed, read_summary
 
 
@@ -75,3 +76,11 @@ def test_summary_classes_are_named_from_dataset_json_and_means_are_nnunets(tmp_p
 
 def test_prediction_variants_are_split_at_semicolons_and_defaults_means_no_flags():
     assert parse_variants("defaults; --disable_tta; ;-npp 1 -nps 1 ") == ["", "--disable_tta", "-npp 1 -nps 1"]
+
+
+def test_a_model_of_bench_predict_may_carry_its_own_folds():
+    assert split_folds("-f 0 1 2 3 4", ("0",)) == (("0", "1", "2", "3", "4"), "")
+    assert split_folds("--disable_tta -f 0 1 -step_size 0.75", ("0",)) == (("0", "1"), "--disable_tta -step_size 0.75")
+    assert split_folds("--runtime openvino", ("0",)) == (("0",), "--runtime openvino")
+    with pytest.raises(KDConfigurationError, match="-f needs the model's folds"):
+        split_folds("-f --disable_tta", ("0",))

@@ -116,17 +116,28 @@ def test_student_ships_as_an_nnunet_model_zip_without_the_teacher(workspace, kd_
                                                env={"nnUNet_results": str(elsewhere)}))
 
 
-def test_bench_predict_times_whole_calls_and_scores_each_flag(workspace, kd_student_3d, onnx_student, tmp_path):
+def test_bench_predict_times_whole_calls_and_scores_each_flag(workspace, teacher_3d, kd_student_3d, onnx_student,
+                                                             tmp_path):
     table = tmp_path / "predict.md"
-    # the student's model folder is the reference here (a user's first model is the teacher); any trained folder is
-    workspace.run("nnunet_kd", "bench", "predict", str(kd_student_3d), str(onnx_student),
+    # the student's model folder is the reference here (a user's first model is the teacher); any trained folder is;
+    # the teacher's two folds as an ensemble, its own folds beside the one-fold students
+    workspace.run("nnunet_kd", "bench", "predict", str(kd_student_3d), str(onnx_student), f"{teacher_3d}::-f 0 1",
                   "-i", str(workspace.raw / "imagesTs"), "-l", str(workspace.raw / "labelsTs"), "--repeats", "1",
                   "--variants", "-npp 0 -nps 0; --disable_tta -npp 0 -nps 0", "--json", str(tmp_path / "r.json"),
                   "-o", str(table))
     runs = json.loads((tmp_path / "r.json").read_text())["runs"]
-    assert [(r["onnx"], r["flags"]) for r in runs] == [
-        (False, "-npp 0 -nps 0"), (True, "-npp 0 -nps 0"), (False, "--disable_tta -npp 0 -nps 0"),
-        (True, "--disable_tta -npp 0 -nps 0")]
+    assert [(r["onnx"], r["flags"], r["folds"]) for r in runs] == [
+        (False, "-npp 0 -nps 0", ["0"]), (True, "-npp 0 -nps 0", ["0"]), (False, "-npp 0 -nps 0", ["0", "1"]),
+        (False, "--disable_tta -npp 0 -nps 0", ["0"]), (True, "--disable_tta -npp 0 -nps 0", ["0"]),
+        (False, "--disable_tta -npp 0 -nps 0", ["0", "1"])]
+    ensemble = tmp_path / "ensemble"  # the same segmentations as the stock command for that ensemble
+    workspace.run("nnUNetv2_predict", "-i", str(workspace.raw / "imagesTs"), "-o", str(ensemble), "-d",
+                  str(DATASET_ID), "-c", "3d_fullres", "-f", "0", "1", "-tr", "nnUNetTrainer_debug", "-device", "cpu",
+                  "--disable_tta", "-npp", "0", "-nps", "0")
+    workspace.run("nnUNetv2_evaluate_folder", str(workspace.raw / "labelsTs"), str(ensemble), "-djfile",
+                  str(ensemble / "dataset.json"), "-pfile", str(ensemble / "plans.json"))
+    assert runs[5]["mean_dice"] == pytest.approx(
+        json.loads((ensemble / "summary.json").read_text())["foreground_mean"]["Dice"], abs=1e-9)
     for run in runs:
         assert 0 <= run["mean_dice"] <= 1
         # start-up is timed in a process of its own: on a loaded machine it can exceed a short call

@@ -162,7 +162,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = bench.add_parser("predict", help="whole prediction commands (stock nnUNetv2_predict, or predict-onnx for an "
                                          "export) side by side: call, start-up, per case, stages, Dice of each flag")
     p.add_argument("models", nargs="+", help="trained model folders and/or `nnunet_kd export` folders; speed-ups are "
-                                             "relative to the first")
+                                             "relative to the first; MODEL::FLAGS adds flags to one model's calls, "
+                                             "e.g. 'TEACHER_DIR::-f 0 1 2 3 4' (its own folds)")
     p.add_argument("-i", "--images", required=True, help="folder of images in nnU-Net naming (_0000...)")
     p.add_argument("-l", "--labels", default=None, help="their reference segmentations: score every call's output")
     p.add_argument("--variants", default="defaults; --disable_tta",

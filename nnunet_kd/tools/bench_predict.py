@@ -13,7 +13,9 @@ same flags, models interleaved, each call repeated. Beside the whole call:
 With reference labels, every call's predictions are scored with nnU-Net's evaluation: the Dice cost of each flag.
 
 A model can carry flags of its own, `MODEL::FLAGS`, e.g. `student_onnx::--runtime onnxruntime --tile-batch 1`, so that
-one export appears under several runtimes and tile batches beside stock nnUNetv2_predict of the teacher.
+one export appears under several runtimes and tile batches beside stock nnUNetv2_predict of the teacher, or
+`teacher::-f 0 1 2 3 4`: that model's folds (the 5-fold ensemble beside a one-fold student), loaded by its start-up
+and its stages as by its call.
 """
 from __future__ import annotations
 
@@ -85,6 +87,20 @@ def split_model_spec(spec: str) -> tuple[str, str]:
     """'student_onnx::--runtime onnxruntime' -> ('student_onnx', '--runtime onnxruntime')."""
     model, _, flags = str(spec).partition("::")
     return model, flags.strip()
+
+
+def split_folds(model_flags: str, folds: Sequence[str]) -> tuple[tuple[str, ...], str]:
+    """A model's own `-f F [F ...]` out of its flags: ('-f 0 1 2 --disable_tta', ('0',)) -> (('0', '1', '2'),
+    '--disable_tta'); without one, `folds`."""
+    words = shlex.split(model_flags)
+    if "-f" not in words:
+        return tuple(folds), model_flags
+    start = end = words.index("-f") + 1
+    while end < len(words) and not words[end].startswith("-"):
+        end += 1
+    if end == start:
+        raise KDConfigurationError(f"'{model_flags}': -f needs the model's folds, e.g. '-f 0 1 2 3 4'.")
+    return tuple(words[start:end]), shlex.join(words[:start - 1] + words[end:])
 
 
 def export_options(flags: Sequence[str]) -> dict:
@@ -191,8 +207,9 @@ def bench_predict(models: Sequence[str | Path], images: str | Path, variants: Se
     if not cases:
         raise KDConfigurationError(f"No images ending in {file_ending} in {images}.")
     env = command_environment()
-    runs = [{"model": model, "model_flags": model_flags, "onnx": is_export(model), "flags": variant, "walls": [],
-             "cpus": [], "startups": []} for variant in variants for model, model_flags in specs]
+    runs = [{"model": model, "model_flags": model_flags, "folds": split_folds(model_flags, folds)[0],
+             "onnx": is_export(model), "flags": variant, "walls": [], "cpus": [], "startups": []}
+            for variant in variants for model, model_flags in specs]
     for run in runs:
         if run["onnx"]:
             run["runtime"] = export_options(shlex.split(run["model_flags"])).get("runtime", default_runtime())
@@ -201,11 +218,11 @@ def bench_predict(models: Sequence[str | Path], images: str | Path, variants: Se
             for i, run in enumerate(runs):
                 out = Path(tmp) / f"run_{i}"
                 flags = _run_flags(run)
-                command, extra_env = prediction_command(run["model"], images, out, flags, folds)
+                command, extra_env = prediction_command(run["model"], images, out, flags, run["folds"])
                 wall, cpu = timed_process(command, {**env, **extra_env})
                 run["walls"].append(wall)
                 run["cpus"].append(cpu)
-                run["startups"].append(timed_process(startup_command(run["model"], folds, flags), env)[0])
+                run["startups"].append(timed_process(startup_command(run["model"], run["folds"], flags), env)[0])
                 if repeat == 0 and labels is not None:
                     run["mean_dice"] = _mean_dice(out, Path(labels), run["model"])
     for run in runs:
@@ -214,7 +231,7 @@ def bench_predict(models: Sequence[str | Path], images: str | Path, variants: Se
         run["startup_seconds"] = statistics.median(run.pop("startups"))
         run["seconds_per_case"] = max(run["call_seconds"] - run["startup_seconds"], 0.0) / len(cases)
         if stages:
-            run["stages"] = stage_seconds(run["model"], cases, _run_flags(run), folds)
+            run["stages"] = stage_seconds(run["model"], cases, _run_flags(run), run["folds"])
     reference = {run["flags"]: run for run in runs if (run["model"], run["model_flags"]) == specs[0]}
     for run in runs:
         first = reference[run["flags"]]
@@ -227,7 +244,7 @@ def bench_predict(models: Sequence[str | Path], images: str | Path, variants: Se
 
 
 def _run_flags(run: dict) -> list[str]:
-    return shlex.split(run["flags"]) + shlex.split(run["model_flags"])
+    return shlex.split(run["flags"]) + shlex.split(split_folds(run["model_flags"], run["folds"])[1])
 
 
 def _file_ending(model: str | Path) -> str:
