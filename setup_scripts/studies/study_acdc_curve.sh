@@ -26,7 +26,8 @@
 #   their validation), and was stopped in the ensemble's targets.
 # Each study reports per-class test Dice, the paired interval, parameters, FLOPs per tile and CPU seconds per case;
 #   `nnunet_kd study-compare` pairs any two of them, and `nnunet_kd study-curve` draws them all against student size
-#   (WORKDIR/curve: curve.md, curve.csv, curve.png), with the ensemble and fold 0 as lines.
+#   (WORKDIR/curve: curve.md, curve.csv, curve.png), with the ensemble and fold 0 as lines; `nnunet_kd bench predict`
+#   times whole nnUNetv2_predict calls of the ensemble (mirrored) and of each width's student (--disable_tta).
 # Re-running continues where it stopped; seeds run in turn at every width, so that what has finished is paired.
 # A CPU check of the whole chain: SEEDS="0" WIDTHS="0.0625" TEACHER_SCHEDULE=debug EPOCHS=1 ITERATIONS=2 \
 #   bash setup_scripts/studies/study_acdc_curve.sh SHARED_DATA_DIR /tmp/acdc_check
@@ -102,6 +103,23 @@ for width in $widths; do
   echo "== width $width"
   cat "$work/study_w$width/report.md"
 done
+# what a user waits for, per size: whole nnUNetv2_predict calls on 5 test cases, the 5-fold ensemble with mirroring
+# against each width's KD student (seed 0) without, interleaved (BENCH_REPEATS [3]; the studies' reports time the
+# networks alone)
+calls=$work/curve/prediction_calls
+if [ ! -f "$calls.json" ]; then
+  mkdir -p "$work/bench_cases" "$work/curve"
+  images=("$nnUNet_raw/$dataset/imagesTs/"*_0000.nii.gz)
+  for image in "${images[@]:0:5}"; do ln -sf "$image" "$work/bench_cases/"; done
+  models=("$nnUNet_results/$dataset/$teacher::-f 0 1 2 3 4")
+  for width in $widths; do
+    models+=("$work/study_w$width/runs/seed_0/$dataset/nnUNetTrainerKDLogits__${plans}_KDStudent_w${width}__2d::--disable_tta")
+  done
+  step "whole prediction calls: the ensemble and the students (log: $work/logs/bench_predict.log)"
+  nnunet_kd bench predict "${models[@]}" -i "$work/bench_cases" --variants defaults --repeats "${BENCH_REPEATS:-3}" \
+    -o "$calls.md" --json "$calls.json" > "$work/logs/bench_predict.log" 2>&1
+fi
+cat "$calls.md"
 # the figure: test Dice against parameters, plain and KD with their intervals; the myocardium alone in a second panel
 # shellcheck disable=SC2046  # one study folder per width
 nnunet_kd study-curve $(printf "$work/study_w%s " $widths) -o "$work/curve" --class MYO \
