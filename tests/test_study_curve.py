@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from nnunet_kd.tools.cli import main
-from nnunet_kd.tools.study import Run, StudyPlan, save_or_check_plan
-from nnunet_kd.tools.study_curve import group_cases
-from nnunet_kd.tools.study_stats import compare, crossed_interval
+from nnunet_kd.tools.study import STUDY_FILE, Run, StudyPlan, load_plan, save_or_check_plan
+from nnunet_kd.tools.study_report import study_tables
+from nnunet_kd.tools.study_stats import compare, crossed_interval, group_cases
 
 BASELINE, KD = "nnUNetTrainerStudent", "nnUNetTrainerKDLogits"
 CASES = [f"patient{i // 2:03d}_frame{i % 2:02d}" for i in range(8)]  # 4 patients x 2 frames, as ACDC
@@ -162,6 +162,52 @@ def test_cases_of_one_patient_are_averaged_before_the_interval_counts_them(two_s
     assert (float(row["delta_low"]), float(row["delta_high"])) == pytest.approx(compare(kd, base).ci, abs=1e-6)
     assert "case groups (`(patient\\d+)_`" in (tmp_path / "curve" / "curve.md").read_text()
     assert main(["study-curve", str(small), "-o", str(tmp_path / "bad"), "--group-pattern", "(case\\d+)"]) == 2
+
+
+def test_a_study_that_groups_its_cases_reports_compares_and_draws_per_patient(two_sizes, tmp_path, capsys):
+    small, large = two_sizes
+    pattern = r"(patient\d+)_"
+    kd, base = (group_cases(_test_dice(small, t), CASES, pattern) for t in (KD, BASELINE))
+    # the user's path: the report re-made with the grouping, which the study records for every later command
+    teacher = load_plan(small).teacher
+    assert main(["study", "Dataset999_X", "-c", "2d", "-p", "P_100", "--teacher", teacher, "--trainers", BASELINE,
+                 KD, "--seeds", "0", "1", "2", "--epochs", "2", "--iterations", "3", "--device", "cpu",
+                 "--test-images", str(tmp_path / "imagesTs"), "--test-labels", str(tmp_path / "labelsTs"),
+                 "--group-pattern", pattern, "--time-cases", "0", "--report-only", "-o", str(small)]) in (0, None)
+    assert load_plan(small).group_pattern == pattern
+    tables = study_tables(small)
+    grouped = compare(kd, base)
+    assert f"| {KD} | 3 | {grouped.mean_difference:+.4f} | {grouped.interval_text()} |" in tables
+    assert "the 8 cases are 4 patients" in tables
+    assert f"{grouped.wins} / {grouped.losses} / {grouped.ties} |" in tables
+    assert grouped.wins + grouped.losses + grouped.ties == 3 * 4  # (seed, patient) pairs
+    ungrouped = compare(_test_dice(small, KD), _test_dice(small, BASELINE))
+    assert grouped.ci != pytest.approx(ungrouped.ci)  # the frames of one patient no longer count twice
+
+    # the published copy keeps the grouping; study-compare of two grouped studies pairs patients
+    main(["study-report", str(small), "--publish", str(tmp_path / "published")])
+    assert study_tables(tmp_path / "published") == tables
+    capsys.readouterr()
+    main(["study-compare", str(small), str(tmp_path / "published")])
+    out = capsys.readouterr().out
+    assert "| test | 3 | " in out and "4 patients" in out
+
+    # the curve takes the studies' own grouping, and refuses studies grouped differently
+    main(["study-curve", str(small), "-o", str(tmp_path / "curve")])
+    row = _rows(tmp_path / "curve" / "curve.csv")[small.name, KD]
+    assert (float(row["delta_low"]), float(row["delta_high"])) == pytest.approx(grouped.ci, abs=1e-6)
+    assert main(["study-curve", str(small), str(large), "-o", str(tmp_path / "refused")]) == 2
+    assert "group their cases differently" in capsys.readouterr().err
+    assert main(["study-compare", str(small), str(large)]) == 2
+    # a pattern that names no patient in a case is refused before anything runs or is recorded
+    recorded = (small / STUDY_FILE).read_text()
+    (tmp_path / "labelsTs").mkdir()
+    (tmp_path / "labelsTs" / "case_007.nii.gz").touch()
+    assert main(["study", "Dataset999_X", "-c", "2d", "-p", "P_100", "--teacher", teacher, "--seeds", "0",
+                 "--test-images", str(tmp_path / "imagesTs"), "--test-labels", str(tmp_path / "labelsTs"),
+                 "--group-pattern", pattern, "--report-only", "-o", str(small)]) == 2
+    assert "does not match cases ['case_007.nii.gz']" in capsys.readouterr().err
+    assert (small / STUDY_FILE).read_text() == recorded
 
 
 def test_on_the_validation_fold_the_teacher_line_is_that_fold_and_other_cases_are_refused(two_sizes, tmp_path,

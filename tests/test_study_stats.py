@@ -8,6 +8,7 @@ from nnunet_kd.tools.study_stats import (
     few_seeds_note,
     gap_closed,
     generalized_interval,
+    group_cases,
     mean_squares,
     paired_differences,
     still_improving,
@@ -69,6 +70,17 @@ def test_cases_not_scored_in_every_seed_are_left_out():
     assert (result.num_cases, result.dropped_cases) == (2, 1)
     assert result.mean_difference == pytest.approx(0.1)
     assert result.ci == pytest.approx((0.1, 0.1))
+
+
+def test_cases_of_one_patient_are_averaged_in_order_and_a_patient_never_scored_drops_out():
+    cases = ["p02_ed", "p01_ed", "p02_es", "p01_es", "p03_ed", "p03_es"]
+    kd = [[0.8, 0.6, 0.6, 0.4, np.nan, np.nan], [0.9, 0.7, 0.7, 0.5, np.nan, np.nan]]
+    grouped = group_cases(kd, cases, r"(p\d+)_")
+    np.testing.assert_allclose(grouped[:, :2], [[0.7, 0.5], [0.8, 0.6]])  # p02 first: first seen
+    assert np.isnan(grouped[:, 2]).all()
+    result = compare(grouped, np.zeros_like(grouped))
+    assert (result.num_cases, result.dropped_cases) == (2, 1)
+    assert np.array_equal(group_cases(kd, cases, None), kd, equal_nan=True)
 
 
 @pytest.mark.parametrize("regime, sd_seed, sd_case, sd_residual", [

@@ -37,8 +37,9 @@ from nnunet_kd.tools import command_environment
 STUDY_FILE = "study.json"
 # which folds of the teacher, with or without mirroring, predicted the test set
 TEST_TEACHER_FILE = "teacher.json"
-# what may differ when a study is re-run into the same folder: more trainers or seeds, another test set or device
-EXTENSIBLE_FIELDS = ("trainers", "seeds", "test_images", "test_labels", "device")
+# what may differ when a study is re-run into the same folder: more trainers or seeds, another test set or device,
+# how its cases are grouped in the report
+EXTENSIBLE_FIELDS = ("trainers", "seeds", "test_images", "test_labels", "device", "group_pattern")
 # what two studies must share for their runs of one seed to be the same experiment (paired, or one reused)
 PAIRING_FIELDS = ("dataset", "configuration", "plans", "fold", "num_epochs", "iterations_per_epoch", "schedule",
                   "student_channels")
@@ -64,6 +65,8 @@ class StudyPlan:
     teacher_targets: str | None = None
     # the students' input channels by name, when they see fewer than the dataset (and the teacher) has
     student_channels: str | None = None
+    # cases that are one patient (e.g. `(patient\d+)_`: ACDC's two frames), averaged per patient before an interval
+    group_pattern: str | None = None
 
     def trainer_class(self, trainer: str) -> str:
         return f"{trainer}_{self.schedule}" if self.schedule else trainer
@@ -150,6 +153,15 @@ def save_or_check_plan(plan: StudyPlan, study: Path) -> None:
     path.write_text(json.dumps(plan.to_json(), indent=2))
     with open(study / "machines.txt", "a") as f:  # one line per invocation: a study may span several sessions
         f.write(f"{time.strftime('%Y-%m-%d %H:%M')} {machine_description(plan.device)}\n")
+
+
+def record_group_pattern(study: Path, group_pattern: str | None) -> None:
+    """A report re-made with another case grouping (`--report-only`) records it, so that `study-report` and
+    `study-compare` group as that report did; the runs are untouched."""
+    path = study / STUDY_FILE
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        path.write_text(json.dumps({**recorded, "group_pattern": group_pattern}, indent=2))
 
 
 def load_plan(study: Path) -> StudyPlan:

@@ -15,7 +15,8 @@ DEFAULT_STUDY_TRAINERS = ["nnUNetTrainerStudent", "nnUNetTrainerKDLogits"]
 def study_command(args: argparse.Namespace) -> None:
     from nnunetv2.paths import nnUNet_results
 
-    from nnunet_kd.tools.study import StudyPlan, run_study
+    from nnunet_kd.data.holdout import case_groups
+    from nnunet_kd.tools.study import StudyPlan, record_group_pattern, run_study
     from nnunet_kd.tools.study_report import write_report
 
     if args.schedule and (args.epochs or args.iterations or args.val_iterations):
@@ -34,9 +35,13 @@ def study_command(args: argparse.Namespace) -> None:
                      test_images=os.path.abspath(args.test_images) if args.test_images else None,
                      test_labels=os.path.abspath(args.test_labels) if args.test_labels else None,
                      device=args.device, teacher_targets=args.teacher_targets,
-                     student_channels=args.student_channels)
+                     student_channels=args.student_channels, group_pattern=args.group_pattern)
+    if plan.group_pattern and plan.test_labels and Path(plan.test_labels).is_dir():  # refused before any training
+        case_groups(sorted(p.name for p in Path(plan.test_labels).iterdir()), plan.group_pattern)
     output = Path(args.output or f"study_{dataset}_{args.configuration}_{args.plans}")
-    if not args.report_only:
+    if args.report_only:
+        record_group_pattern(output, plan.group_pattern)
+    else:
         run_study(plan, output, jobs=args.jobs,
                   baseline_from=Path(args.baseline_from) if args.baseline_from else None)
     write_report(plan, output.resolve(), time_cases=args.time_cases)
@@ -117,6 +122,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="students see only these channels (dataset.json names, in their input order), the teacher all "
                         "of them (sets nnUNet_KD_student_channels); the test set is predicted from the students' own "
                         "files, made once in STUDY/test_inputs")
+    p.add_argument("--group-pattern", default=None, metavar="REGEX",
+                   help="cases that are one patient, averaged per patient before every interval: the regex's first "
+                        "group, matched at the start of the case name, names the patient (e.g. '(patient\\d+)_' "
+                        "for ACDC's two frames per patient, as given to nnunet_kd prepare)")
     p.add_argument("--time-cases", type=int, default=3, help="validation cases to time per model on the CPU (0: skip)")
     p.add_argument("-o", "--output", default=None,
                    help="study folder (default: study_<dataset>_<configuration>_<plans>); re-running continues it")

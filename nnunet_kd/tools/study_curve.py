@@ -9,16 +9,15 @@ each KD trainer's paired difference from the plain student of its study. The tea
 lines. Parameters are counted from the checkpoints (`models.json` in a published copy).
 
 Cases that are not independent, such as the end-diastolic and end-systolic frames of one ACDC patient, are averaged
-per group first (`group_pattern`, as `nnunet_kd prepare --group-pattern` holds them out together), so that the
-case part of an interval counts patients, not frames. Overlapping intervals of the plain and KD points of one size
-do not mean "no difference": the paired difference (Δ) is the comparison; the points' intervals carry the case-to-case
-spread that pairing removes.
+per group first (`group_pattern`, as `nnunet_kd prepare --group-pattern` holds them out together; by default the
+studies' own, `nnunet_kd study --group-pattern`), so that the case part of an interval counts patients, not frames.
+Overlapping intervals of the plain and KD points of one size do not mean "no difference": the paired difference (Δ)
+is the comparison; the points' intervals carry the case-to-case spread that pairing removes.
 """
 from __future__ import annotations
 
 import csv
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from nnunet_kd.core.settings import KDConfigurationError
 from nnunet_kd.tools.results import CaseScores, read_summary
 from nnunet_kd.tools.study import StudyPlan
 from nnunet_kd.tools.study_report import SPLITS, TrainerResult, _paired, load_study, model_sizes
-from nnunet_kd.tools.study_stats import compare, complete_cases, crossed_interval
+from nnunet_kd.tools.study_stats import compare, complete_cases, crossed_interval, group_cases
 
 CURVE_CSV, CURVE_MARKDOWN, CURVE_FIGURE = "curve.csv", "curve.md", "curve.png"
 
@@ -58,22 +57,6 @@ class ReferenceLine:
     dice: float
     class_dice: float | None
     parameters: int | None = None
-
-
-def group_cases(matrix: np.ndarray, cases: list[str], pattern: str | None) -> np.ndarray:
-    """`matrix[..., case]` averaged over the cases of each group (the first group of `pattern` in the case name, in
-    order of first appearance); unchanged without a pattern. Cases the pattern does not match are refused."""
-    if pattern is None:
-        return matrix
-    groups: dict[str, list[int]] = {}
-    for index, case in enumerate(cases):
-        found = re.search(pattern, case)
-        if found is None:
-            raise KDConfigurationError(f"--group-pattern {pattern!r} does not match the case {case}: give a regular "
-                                       f"expression whose first group names the patient, e.g. '(patient\\d+)_'.")
-        groups.setdefault(found.group(1) if found.groups() else found.group(0), []).append(index)
-    with np.errstate(all="ignore"):  # a group whose every case is NaN stays NaN (left out as a case would be)
-        return np.stack([np.nanmean(matrix[..., idx], axis=-1) for idx in groups.values()], axis=-1)
 
 
 def mean_with_interval(dice: np.ndarray) -> tuple[float, tuple[float, float] | None]:
@@ -226,11 +209,17 @@ def study_curve(studies: list[Path], output: Path, split: str = "test", class_na
     if len(set(names)) != len(names):
         raise KDConfigurationError(f"Two studies share a folder name ({names}): the curve names its points by it; "
                                    f"give folders of different names.")
+    loaded = [(source, *load_study(source)) for source in studies]
+    if group_pattern is None:
+        patterns = {plan.group_pattern for _, plan, _, _ in loaded}
+        if len(patterns) > 1:
+            raise KDConfigurationError(f"The studies group their cases differently ({sorted(map(str, patterns))}): "
+                                       f"give one --group-pattern for the curve.")
+        group_pattern = patterns.pop()
     points: list[CurvePoint] = []
     lines: dict[str, ReferenceLine] = {}
     cases = fold = None
-    for source in studies:
-        plan, results, teacher = load_study(source)
+    for source, plan, results, teacher in loaded:
         if split not in teacher:
             raise KDConfigurationError(f"{source} has no {split} scores: run its study with --test-images and "
                                        f"--test-labels, or give --split validation.")

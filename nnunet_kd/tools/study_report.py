@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_kd.core.settings import KDConfigurationError
+from nnunet_kd.data.holdout import case_groups
 from nnunet_kd.tools.results import CaseScores, read_summary
 from nnunet_kd.tools.study import (
     PAIRING_FIELDS,
@@ -24,7 +25,7 @@ from nnunet_kd.tools.study import (
     load_plan,
     plan_runs,
 )
-from nnunet_kd.tools.study_stats import PairedComparison, compare, few_seeds_note, still_improving
+from nnunet_kd.tools.study_stats import PairedComparison, compare, few_seeds_note, group_cases, still_improving
 
 SPLITS = {"validation": "validation (fold {fold})", "test": "test set"}
 # the tables of a published study, as recomputed from its per-case Dice
@@ -111,9 +112,10 @@ def _teacher_per_case(teacher: CaseScores | None, cases: list[str]) -> np.ndarra
     return teacher.mean_per_case
 
 
-def comparisons(results: dict[str, TrainerResult], teacher: dict[str, CaseScores], baseline: str
-                ) -> dict[str, dict[str, TrainerComparison]]:
-    """split -> KD trainer -> its comparison with the baseline over the seeds both finished."""
+def comparisons(results: dict[str, TrainerResult], teacher: dict[str, CaseScores], baseline: str,
+                group_pattern: str | None = None) -> dict[str, dict[str, TrainerComparison]]:
+    """split -> KD trainer -> its comparison with the baseline over the seeds both finished; with `group_pattern`
+    each patient's cases averaged first (`study_stats.group_cases`)."""
     out: dict[str, dict[str, TrainerComparison]] = {}
     for split in SPLITS:
         for name, result in results.items():
@@ -123,10 +125,23 @@ def comparisons(results: dict[str, TrainerResult], teacher: dict[str, CaseScores
             if not seeds:
                 continue
             cases = results[baseline].scores[split][seeds[0]].cases
+            teacher_dice = _teacher_per_case(teacher.get(split), cases)
+            kd, base = group_cases(kd, cases, group_pattern), group_cases(base, cases, group_pattern)
+            if teacher_dice is not None:
+                teacher_dice = group_cases(teacher_dice, cases, group_pattern)
             out.setdefault(split, {})[name] = TrainerComparison(
-                compare(kd, base, _teacher_per_case(teacher.get(split), cases)), seeds,
-                unpaired_runs(results[baseline], result, split))
+                compare(kd, base, teacher_dice), seeds, unpaired_runs(results[baseline], result, split))
     return out
+
+
+def grouping_note(cases: list[str], group_pattern: str | None) -> str:
+    """The line a comparison table gets when a patient's cases are averaged before it."""
+    if group_pattern is None:
+        return ""
+    groups = len(set(case_groups(list(cases), group_pattern).values()))
+    return (f"Cases grouped by patient (`{group_pattern}`): the {len(cases)} cases are {groups} patients, each "
+            f"patient's cases averaged before Δ, the interval and won / lost / tied, which count (seed, patient) "
+            f"pairs.")
 
 
 def _model_costs(plan: StudyPlan, study: Path, results: dict[str, TrainerResult], time_cases: int) -> list[dict]:
@@ -234,7 +249,8 @@ def dice_and_comparison_tables(plan: StudyPlan, results: dict[str, TrainerResult
                   COMPARISON_LEGEND.format(min_seeds=MIN_SEEDS_FOR_A_CLAIM), "",
                   "| trainer | seeds | Δ mean Dice | 95 % CI | per seed Δ | claim | gap closed | won / lost / tied |",
                   "|---|---|---|---|---|---|---|---|"]
-        notes = []
+        grouped = grouping_note(teacher[split].cases, plan.group_pattern)
+        notes = [grouped] if grouped else []
         for name, comparison in compared[split].items():
             c, seeds = comparison.result, comparison.seeds
             lines.append(f"| {name} | {len(seeds)} | {c.mean_difference:+.4f} | {c.interval_text()} | "
@@ -408,7 +424,7 @@ def _comparison_json(compared: dict[str, dict[str, TrainerComparison]]) -> dict:
 
 def write_report(plan: StudyPlan, study: Path, time_cases: int = 3) -> Path:
     results, teacher, _ = collect(plan, study)
-    compared = comparisons(results, teacher, plan.trainers[0])
+    compared = comparisons(results, teacher, plan.trainers[0], plan.group_pattern)
     costs = _model_costs(plan, study, results, time_cases) if time_cases > 0 else []
     markdown = format_markdown(plan, study, results, teacher, compared, costs)
     (study / "report.md").write_text(markdown)
@@ -437,7 +453,7 @@ def study_tables(source: Path, level: int = 4) -> str:
     """The Dice and KD-against-baseline tables of a study, recomputed from its per-case Dice (headings at `level`,
     to sit inside a page such as BENCHMARKS.md)."""
     plan, results, teacher = load_study(source)
-    compared = comparisons(results, teacher, plan.trainers[0])
+    compared = comparisons(results, teacher, plan.trainers[0], plan.group_pattern)
     return "\n".join(dice_and_comparison_tables(plan, results, teacher, compared, level)).rstrip() + "\n"
 
 
@@ -489,6 +505,11 @@ def compare_studies(reference: Path, other: Path, trainers: list[str] | None = N
     if mismatched:
         raise KDConfigurationError(f"The studies differ in {mismatched}: their runs are not paired. Compare studies "
                                    f"of the same dataset, plans, fold and schedule.")
+    if ref_plan.group_pattern != other_plan.group_pattern:
+        raise KDConfigurationError(f"The studies group their cases differently ({ref_plan.group_pattern!r} and "
+                                   f"{other_plan.group_pattern!r}): re-run the report of one with the other's "
+                                   f"--group-pattern (nnunet_kd study ... --report-only).")
+    group_pattern = ref_plan.group_pattern
     differing = {k: (v, getattr(other_plan, k)) for k, v in vars(ref_plan).items()
                  if k not in (*PAIRING_FIELDS, "trainers", "seeds", "device") and getattr(other_plan, k) != v}
     # every KD trainer of `other` (its only trainer, in a study of one) that the reference has too
@@ -505,7 +526,8 @@ def compare_studies(reference: Path, other: Path, trainers: list[str] | None = N
             other_dice, reference_dice, seeds = _paired(ref_results[name], other_results[name], split)
             if not seeds:
                 continue
-            c = compare(other_dice, reference_dice)
+            cases = ref_results[name].scores[split][seeds[0]].cases
+            c = compare(*(group_cases(dice, cases, group_pattern) for dice in (other_dice, reference_dice)))
             per_seed = ", ".join(f"{s}: {d:+.3f}" for s, d in zip(seeds, c.per_seed_difference))
             lines.append(f"| {name} | {split} | {len(seeds)} | {np.nanmean(reference_dice):.3f} | "
                          f"{np.nanmean(other_dice):.3f} | {c.mean_difference:+.4f} | {c.interval_text()} | "
@@ -513,6 +535,7 @@ def compare_studies(reference: Path, other: Path, trainers: list[str] | None = N
             unpaired = unpaired_runs(ref_results[name], other_results[name], split)
             if unpaired:
                 notes.append(f"{name}, {split}: left out, their partner has no score yet: {', '.join(unpaired)}.")
-            if few_seeds_note(len(seeds)) and few_seeds_note(len(seeds)) not in notes:
-                notes.append(few_seeds_note(len(seeds)))
+            for note in (grouping_note(cases, group_pattern), few_seeds_note(len(seeds))):
+                if note and note not in notes:
+                    notes.append(note)
     return "\n".join(lines + ([""] + notes if notes else []))

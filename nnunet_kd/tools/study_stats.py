@@ -24,12 +24,19 @@ Components"): each mean square is replaced by its observed value times (degrees 
 variance components are kept non-negative, and the mean's pivot `mean - Z sqrt(variance / (S C))` is drawn many
 times; its percentiles are the interval. tests/test_study_stats.py checks its coverage on simulated studies (seed,
 case and mixed regimes, 3 to 10 seeds, 40 cases). One seed says nothing about the seed part: no interval is given.
+
+The model assumes cases independent of each other. Where they are not, such as the end-diastolic and end-systolic
+frames of one ACDC patient, a study's `group_pattern` (as `nnunet_kd prepare --group-pattern` holds a patient's cases
+out together) averages each patient's cases first (`group_cases`), so that the case part counts patients.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
+
+from nnunet_kd.data.holdout import case_groups
 
 # below this many paired seeds a KD claim is not made (the interval is valid, but wide by necessity)
 MIN_SEEDS_FOR_A_CLAIM = 5
@@ -41,6 +48,22 @@ def _as_matrix(values) -> np.ndarray:
     if matrix.ndim != 2 or matrix.size == 0:
         raise ValueError(f"expected a non-empty seeds x cases matrix, got shape {matrix.shape}")
     return matrix
+
+
+def group_cases(matrix, cases: list[str], group_pattern: str | None) -> np.ndarray:
+    """`matrix[..., case]` averaged over the cases of each group (`case_groups`: the pattern's first capture group,
+    matched at the start of the case name), groups in order of first appearance; unchanged without a pattern. A group
+    whose every case is NaN stays NaN, and is left out as such a case would be."""
+    matrix = np.asarray(matrix, dtype=float)
+    if group_pattern is None:
+        return matrix
+    group_of = case_groups(list(cases), group_pattern)
+    groups: dict[str, list[int]] = {}
+    for index, case in enumerate(cases):
+        groups.setdefault(group_of[case], []).append(index)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of an all-NaN group
+        return np.stack([np.nanmean(matrix[..., indices], axis=-1) for indices in groups.values()], axis=-1)
 
 
 def paired_differences(kd, baseline) -> np.ndarray:

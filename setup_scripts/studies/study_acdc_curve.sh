@@ -72,8 +72,8 @@ study() {  # study(width, seeds, trainers ...)
   # shellcheck disable=SC2086  # the seed list is meant to split
   nnunet_kd study $id -c 2d -p "${plans}_KDStudent_w$1" --teacher "$teacher" --teacher-targets "$targets" \
     --seeds $2 --epochs "$epochs" --iterations "$iterations" --val-iterations 10 --device "$device" \
-    "${test_set[@]}" --time-cases "$time_cases" -o "$work/study_w$1" --trainers "${@:3}" \
-    >> "$work/logs/study_w$1.log" 2>&1
+    "${test_set[@]}" --group-pattern '(patient\d+)_' --time-cases "$time_cases" -o "$work/study_w$1" \
+    --trainers "${@:3}" >> "$work/logs/study_w$1.log" 2>&1  # a patient's two frames count once in every interval
 }
 read -r -a by_size <<< "$(printf '%s\n' $widths | sort -g | tr '\n' ' ')"  # smallest first
 done_seeds=""
@@ -123,4 +123,4 @@ cat "$calls.md"
 # the figure: test Dice against parameters, plain and KD with their intervals; the myocardium alone in a second panel
 # shellcheck disable=SC2046  # one study folder per width
 nnunet_kd study-curve $(printf "$work/study_w%s " $widths) -o "$work/curve" --class MYO \
-  --group-pattern '(patient\d+)_' --line "teacher, fold 0, mirrored=$fold0/summary.json"
+  --line "teacher, fold 0, mirrored=$fold0/summary.json"  # grouped by patient, as the studies are
