@@ -153,8 +153,9 @@ def test_bench_predict_times_whole_calls_and_scores_each_flag(workspace, teacher
         assert run["startup_seconds"] > 0 and run["call_seconds"] > 0 and run["seconds_per_case"] >= 0
         assert set(run["stages"]) == {"preprocessing", "network", "export"}
     # the ONNX student and the torch student predict the same segmentations up to voxels at near-ties (OpenVINO's
-    # float32 rounds otherwise than torch, and by the number of tiles per call), so they score the same to 1e-4
-    assert runs[0]["mean_dice"] == pytest.approx(runs[1]["mean_dice"], abs=1e-4)
+    # float32 rounds otherwise than torch, and by the number of tiles per call): each such voxel moves a case's Dice
+    # by at most about 2 / (voxels of both masks), under 1e-3 for masks of a few thousand voxels: a few such voxels
+    assert runs[0]["mean_dice"] == pytest.approx(runs[1]["mean_dice"], abs=2e-3)
     assert runs[0]["call_speedup"] == 1.0 and f"student_onnx ({runs[1]['runtime']})" in table.read_text()
 
 
